@@ -1,0 +1,107 @@
+"""Callbacks that sample the model while it trains: image grids and sampling speed.
+
+Sampling calls the networks directly (never the DDP wrapper), so it runs no collective and can
+run on rank 0 alone while the other ranks wait at their next gradient all-reduce: no deadlock,
+and one file per grid.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from torchvision.utils import make_grid, save_image
+
+from fewstep.lit.module import DiffusionModel
+
+
+def _run_dir(trainer: L.Trainer, subdir: str) -> Path:
+    return Path(trainer.default_root_dir) / subdir
+
+
+class SampleGrid(L.Callback):
+    """Every ``every_n_steps`` optimizer steps and at the end of training: a PNG grid + a logged image.
+
+    The same ``seed`` every time, so successive grids show the same noise becoming digits.
+    """
+
+    def __init__(
+        self, every_n_steps: int = 500, num_samples: int = 64, seed: int = 0, sampler: dict | None = None
+    ) -> None:
+        self.every_n_steps, self.num_samples, self.seed = every_n_steps, num_samples, seed
+        self.sampler = sampler
+        self._last_step = -1
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: DiffusionModel, *args: Any) -> None:
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self.log_grid(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: DiffusionModel) -> None:
+        if trainer.global_step != self._last_step:
+            self.log_grid(trainer, pl_module, final=True)
+
+    def log_grid(self, trainer: L.Trainer, pl_module: DiffusionModel, final: bool = False) -> Path | None:
+        self._last_step = trainer.global_step
+        if not trainer.is_global_zero:
+            return None
+        generator = torch.Generator().manual_seed(self.seed)
+        result = pl_module.sample(self.num_samples, self.sampler, generator=generator, return_result=True)
+        images = (result.images.float().cpu() + 1) / 2
+        grid = make_grid(images, nrow=int(math.ceil(math.sqrt(self.num_samples))), padding=2, pad_value=1.0)
+        out = _run_dir(trainer, "samples") / f"step_{trainer.global_step:07d}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_image(grid, out)
+        if final:
+            save_image(grid, out.parent / "final.png")
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image("samples", [grid], step=trainer.global_step, caption=[f"step {trainer.global_step}"])
+        return out
+
+
+class SamplingTime(L.Callback):
+    """Times the configured sampler: seconds per image, NFE and images/s (logged and in ``sampling_time.json``).
+
+    One warm-up batch first, so one-time costs (allocations, kernel selection) are not counted.
+    Runs every ``every_n_steps`` (0 = only at the end of training).
+    """
+
+    def __init__(self, every_n_steps: int = 0, num_samples: int = 32, sampler: dict | None = None) -> None:
+        self.every_n_steps, self.num_samples, self.sampler = every_n_steps, num_samples, sampler
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: DiffusionModel, *args: Any) -> None:
+        if self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0:
+            self.measure(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: DiffusionModel) -> None:
+        self.measure(trainer, pl_module)
+
+    def measure(self, trainer: L.Trainer, pl_module: DiffusionModel) -> dict | None:
+        if not trainer.is_global_zero:
+            return None
+        generator = torch.Generator().manual_seed(0)
+        pl_module.sample(min(4, self.num_samples), self.sampler, steps=1, generator=generator)  # warm-up
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
+        result = pl_module.sample(self.num_samples, self.sampler, generator=generator, return_result=True)
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
+        spec = self.sampler or pl_module.hparams.sampler
+        figures = {
+            "sampling/seconds_per_image": result.seconds / self.num_samples,
+            "sampling/images_per_second": result.images_per_second,
+            "sampling/nfe": float(result.nfe),
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics(figures, step=trainer.global_step)
+        record = {"step": trainer.global_step, "sampler": spec.get("name"), "steps": spec.get("steps"), **figures}
+        path = _run_dir(trainer, "sampling_time.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=2))
+        return record

@@ -1,0 +1,81 @@
+"""Hydra glue shared by train.py and sample.py: resolvers, choice checks, one-line errors."""
+
+from __future__ import annotations
+
+import netrc
+import os
+import sys
+from collections.abc import Callable, Sequence
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
+# Errors that mean "the input is wrong": shown as one line, not a traceback (FEWSTEP_DEBUG=1 shows it).
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
+
+
+def wandb_offline() -> bool:
+    """W&B runs offline unless the user configured it: WANDB_MODE, WANDB_API_KEY or a `wandb login`."""
+    mode = os.environ.get("WANDB_MODE")
+    if mode:
+        return mode in ("offline", "dryrun", "disabled")
+    if os.environ.get("WANDB_API_KEY"):
+        return False
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return True
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("fewstep_wandb_offline"):
+        OmegaConf.register_new_resolver("fewstep_wandb_offline", wandb_offline)
+
+
+def group_options(group: str, config_dir: Path = CONFIG_DIR) -> list[str]:
+    return sorted(p.stem for p in (config_dir / group).glob("*.yaml"))
+
+
+def check_choices(argv: Sequence[str], config_dir: Path = CONFIG_DIR) -> str | None:
+    """The one-line error for a command-line ``group=option`` naming no config, else None.
+
+    Hydra would also refuse it, with a multi-line report; this says it in one line, first.
+    """
+    for arg in argv:
+        if "=" not in arg or arg.startswith(("-", "+", "~", "hydra")):
+            continue
+        key, value = arg.split("=", 1)
+        if "." in key or "/" in key or not (config_dir / key).is_dir():
+            continue
+        options = group_options(key, config_dir)
+        for choice in value.split(","):  # multirun: sampler=ddim,ddpm
+            if choice not in options and choice != "null":
+                return f"unknown {key} {choice!r}; choose one of: {', '.join(options)} (e.g. {key}={options[0]})"
+    return None
+
+
+def cli(main: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a Hydra task: check group choices first, and report bad input as one line."""
+
+    @wraps(main)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return main(*args, **kwargs)
+        except USER_ERRORS as err:
+            if os.environ.get("FEWSTEP_DEBUG"):
+                raise
+            message = " ".join(str(err).split()) or type(err).__name__
+            print(f"error: {message}", file=sys.stderr)
+            sys.exit(1)
+
+    return wrapper
+
+
+def exit_on_bad_choices(argv: Sequence[str] | None = None) -> None:
+    problem = check_choices(sys.argv[1:] if argv is None else argv)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)

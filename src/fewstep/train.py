@@ -1,0 +1,63 @@
+"""The training task behind train.py: instantiate data, model, callbacks, loggers; fit."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from fewstep.lit import DiffusionModel, ImageDataModule, load_checkpoint
+from fewstep.lit.module import check_architecture
+
+log = logging.getLogger(__name__)
+
+
+def build_model(cfg: DictConfig, datamodule: ImageDataModule) -> DiffusionModel:
+    """The LightningModule from the model/, schedule/ and sampler/ groups and the module options."""
+    schedule = OmegaConf.to_container(cfg.schedule, resolve=True)
+    module = OmegaConf.to_container(cfg.module, resolve=True)
+    if module.get("num_classes") and datamodule.name == "folder":
+        log.info("class-conditional training on an image folder: labels are its sub-folders")
+    return DiffusionModel(
+        image_size=datamodule.image_size,
+        channels=datamodule.channels,
+        unet=OmegaConf.to_container(cfg.model, resolve=True),
+        sampler=OmegaConf.to_container(cfg.sampler, resolve=True),
+        **schedule,
+        **module,
+    )
+
+
+def instantiate_all(group: DictConfig | None) -> list[Any]:
+    """Every ``_target_`` entry of a dict-of-configs group (callbacks, loggers)."""
+    if not group:
+        return []
+    return [instantiate(c) for c in group.values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Fit the model; return the best validation loss (for Hydra sweepers)."""
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule: ImageDataModule = instantiate(cfg.data)
+    model = build_model(cfg, datamodule)
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path:
+        # Refuse unsafe or mismatched checkpoints with one line before Lightning touches them.
+        saved = load_checkpoint(ckpt_path)
+        check_architecture(saved["hyper_parameters"], dict(model.hparams), path=str(ckpt_path))
+        del saved
+    callbacks = instantiate_all(cfg.get("callbacks"))
+    loggers = instantiate_all(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    checkpoint = trainer.checkpoint_callback
+    if trainer.is_global_zero and checkpoint is not None:
+        log.info("last checkpoint: %s", checkpoint.last_model_path or "-")
+        log.info("best checkpoint: %s", checkpoint.best_model_path or "-")
+    score = checkpoint.best_model_score if checkpoint is not None else None
+    return float(score) if score is not None else None

@@ -1,0 +1,165 @@
+"""DiffusionModel: the seed API, learning, EMA, determinism, checkpoints and resuming."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from fewstep.diffusion import diffusion_loss
+from fewstep.lit import DiffusionModel, load_model
+from fewstep.lit.datamodule import EpochShuffle
+from fewstep.lit.module import check_architecture
+
+TINY = {"base_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [8], "dropout": 0.0}
+
+
+def small_model(**kwargs) -> DiffusionModel:
+    options = {"image_size": 16, "channels": 1, "unet": TINY, "warmup_steps": 1, "lr": 2e-3, "num_timesteps": 100}
+    return DiffusionModel(**{**options, **kwargs})
+
+
+def toy_loader(n: int = 16, batch_size: int = 4) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(n, 1, 16, 16, generator=g) * 2 - 1
+    dataset = TensorDataset(images, torch.zeros(n, dtype=torch.long))
+    return DataLoader(dataset, batch_size=batch_size, sampler=EpochShuffle(n, seed=0))
+
+
+def fit(model: DiffusionModel, root, max_steps: int, ckpt_path=None, every: int = 4) -> L.Trainer:
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=root / "ckpt", save_last=True, every_n_train_steps=every)
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[checkpoint],
+        default_root_dir=root,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(model, train_dataloaders=toy_loader(), ckpt_path=ckpt_path, weights_only=True)
+    return trainer
+
+
+def test_seed_api():
+    model = DiffusionModel(image_size=64, beta_start=1e-4, beta_end=0.01, num_timesteps=1000)
+    samples = model.sample(2, steps=2)
+    assert samples.shape == (2, 3, 64, 64)
+    assert samples.min() >= -1 and samples.max() <= 1
+    assert model.hparams.beta_end == 0.01
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_optimizer_steps_lower_the_loss(prediction):
+    torch.manual_seed(0)
+    model = small_model(prediction=prediction)
+    x0 = next(iter(toy_loader(8, 8)))[0]
+    optimizer = torch.optim.Adam(model.net.parameters(), lr=3e-3)
+
+    def loss() -> torch.Tensor:  # same t and noise every time: a fixed objective
+        return diffusion_loss(model.net, model.schedule, x0, prediction, generator=torch.Generator().manual_seed(1))
+
+    before = loss().item()
+    for _ in range(25):
+        optimizer.zero_grad()
+        loss().backward()
+        optimizer.step()
+    assert loss().item() < 0.7 * before
+
+
+def test_ddim_eta0_is_deterministic():
+    model = small_model()
+    a = model.sample(3, "ddim", steps=4, generator=torch.Generator().manual_seed(5), eta=0.0)
+    b = model.sample(3, "ddim", steps=4, generator=torch.Generator().manual_seed(5), eta=0.0)
+    assert torch.equal(a, b)
+    # eta = 0 draws noise only for the start: the same start gives the same images, whatever else.
+    c = model.sample(3, "ddim", steps=4, generator=torch.Generator().manual_seed(6), eta=0.0)
+    assert not torch.equal(a, c)
+
+
+def test_ema_tracks_weights_with_warmup():
+    model = small_model(ema_decay=0.9)
+    with torch.no_grad():
+        for p in model.net.parameters():
+            p.add_(1.0)
+    model.ema.update_parameters(model.net)  # first update copies the weights
+    for p, q in zip(model.net.parameters(), model.ema.module.parameters(), strict=True):
+        assert torch.equal(p, q)
+    old = [q.clone() for q in model.ema.module.parameters()]
+    with torch.no_grad():
+        for p in model.net.parameters():
+            p.add_(1.0)
+    model.ema.update_parameters(model.net)  # n=1: decay min(0.9, 2/11)
+    d = 2 / 11
+    for q, o, p in zip(model.ema.module.parameters(), old, model.net.parameters(), strict=True):
+        assert torch.allclose(q, d * o + (1 - d) * p, atol=1e-6)
+
+
+def test_checkpoint_round_trip_same_samples(tmp_path):
+    model = small_model()
+    fit(model, tmp_path, max_steps=4)
+    loaded = load_model(tmp_path / "ckpt" / "last.ckpt")
+    a = model.sample(3, steps=3, generator=torch.Generator().manual_seed(0))
+    b = loaded.sample(3, steps=3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+    assert loaded.hparams == model.hparams
+
+
+def test_resume_continues_from_same_step_and_ema(tmp_path):
+    """An interrupted run resumed from last.ckpt ends exactly where an uninterrupted one does."""
+    L.seed_everything(0)
+    straight = small_model()
+    fit(straight, tmp_path / "straight", max_steps=8)
+
+    L.seed_everything(0)
+    first = small_model()
+    fit(first, tmp_path / "split", max_steps=4)  # "interrupted" after 4 steps
+    saved = torch.load(tmp_path / "split" / "ckpt" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 4
+
+    resumed = small_model()
+    seen = {}
+
+    class Probe(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen["step"] = trainer.global_step
+            seen["ema"] = [p.clone() for p in pl_module.ema.module.parameters()]
+
+    trainer = L.Trainer(
+        max_steps=8,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Probe()],
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+    )
+    trainer.fit(
+        resumed, train_dataloaders=toy_loader(), ckpt_path=tmp_path / "split" / "ckpt" / "last.ckpt", weights_only=True
+    )
+    assert seen["step"] == 4
+    ema_saved = [v for k, v in saved["state_dict"].items() if k.startswith("ema.module.")]
+    assert all(torch.equal(a, b) for a, b in zip(seen["ema"], ema_saved, strict=True))
+    assert trainer.global_step == 8
+    for a, b in zip(resumed.parameters(), straight.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), "resumed run diverged from the uninterrupted one"
+
+
+def test_architecture_mismatch_is_one_line():
+    a, b = small_model(), small_model(unet={**TINY, "base_channels": 16})
+    with pytest.raises(ValueError, match="trained with another architecture") as err:
+        check_architecture(dict(a.hparams), dict(b.hparams), path="x.ckpt")
+    assert "\n" not in str(err.value) and "base_channels" in str(err.value)
+
+
+def test_nan_loss_stops_with_clear_message():
+    model = small_model()
+    with torch.no_grad():
+        next(model.net.parameters()).fill_(float("nan"))
+    batch = next(iter(toy_loader()))
+    with pytest.raises(FloatingPointError, match="lower module.lr"):
+        model.training_step(batch, 0)
