@@ -19,13 +19,12 @@ def build_model(cfg: DictConfig, datamodule: ImageDataModule) -> DiffusionModel:
     """The LightningModule from the model/, schedule/ and sampler/ groups and the module options."""
     schedule = OmegaConf.to_container(cfg.schedule, resolve=True)
     module = OmegaConf.to_container(cfg.module, resolve=True)
-    if module.get("num_classes") and datamodule.name == "folder":
-        log.info("class-conditional training on an image folder: labels are its sub-folders")
     return DiffusionModel(
         image_size=datamodule.image_size,
         channels=datamodule.channels,
         unet=OmegaConf.to_container(cfg.model, resolve=True),
         sampler=OmegaConf.to_container(cfg.sampler, resolve=True),
+        data={k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k != "_target_"},
         **schedule,
         **module,
     )

@@ -62,6 +62,7 @@ class DiffusionModel(L.LightningModule):
         sampler: the default sampler config used by :meth:`sample` (``conf/sampler``).
         clip_x0: clamp the denoised estimate to ``[-clip_x0, clip_x0]`` while sampling.
         num_classes: train a class-conditional model (labels ``y``) with ``label_dropout`` for CFG.
+        data: the data config the model was trained on (``conf/data``), kept for evaluation.
     """
 
     def __init__(
@@ -84,6 +85,7 @@ class DiffusionModel(L.LightningModule):
         clip_x0: float | None = 1.0,
         num_classes: int | None = None,
         label_dropout: float = 0.1,
+        data: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if prediction not in PREDICTIONS:
@@ -110,6 +112,7 @@ class DiffusionModel(L.LightningModule):
                 "clip_x0": clip_x0,
                 "num_classes": num_classes,
                 "label_dropout": label_dropout,
+                "data": _plain(dict(data)) if data else None,
             }
         )
         if schedule == "linear":
