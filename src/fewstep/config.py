@@ -68,7 +68,7 @@ def cli(main: Callable[..., Any]) -> Callable[..., Any]:
             if os.environ.get("FEWSTEP_DEBUG"):
                 raise
             message = " ".join(str(err).split()) or type(err).__name__
-            print(f"error: {message}", file=sys.stderr)
+            print(f"\nerror: {message}", file=sys.stderr)  # newline: a progress bar may own the line
             sys.exit(1)
 
     return wrapper

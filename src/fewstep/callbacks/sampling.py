@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ class SampleGrid(L.Callback):
         self.every_n_steps, self.num_samples, self.seed = every_n_steps, num_samples, seed
         self.sampler = sampler
         self._last_step = -1
+        self._last_path: Path | None = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: DiffusionModel, *args: Any) -> None:
         step = trainer.global_step
@@ -45,6 +47,8 @@ class SampleGrid(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: DiffusionModel) -> None:
         if trainer.global_step != self._last_step:
             self.log_grid(trainer, pl_module, final=True)
+        elif trainer.is_global_zero and self._last_path is not None:  # the grid of this step exists already
+            shutil.copyfile(self._last_path, self._last_path.parent / "final.png")
 
     def log_grid(self, trainer: L.Trainer, pl_module: DiffusionModel, final: bool = False) -> Path | None:
         self._last_step = trainer.global_step
@@ -57,8 +61,9 @@ class SampleGrid(L.Callback):
         out = _run_dir(trainer, "samples") / f"step_{trainer.global_step:07d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         save_image(grid, out)
+        self._last_path = out
         if final:
-            save_image(grid, out.parent / "final.png")
+            shutil.copyfile(out, out.parent / "final.png")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image("samples", [grid], step=trainer.global_step, caption=[f"step {trainer.global_step}"])
