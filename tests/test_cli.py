@@ -8,7 +8,6 @@ import pickle
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY_NET, run_script
 
 pytestmark = pytest.mark.slow

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import lightning as L
 import pytest
+from conftest import ROOT
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from conftest import ROOT
 from fewstep.config import check_choices, group_options, register_resolvers, wandb_offline
 from fewstep.diffusion.sampling import SamplerSpec
 from fewstep.lit import ImageDataModule

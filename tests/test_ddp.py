@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-
 from conftest import TINY_NET, run_script
 
 pytestmark = pytest.mark.slow

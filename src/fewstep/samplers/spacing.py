@@ -9,6 +9,7 @@ timesteps are interpolated linearly in ``log sigma``, the same rule the denoiser
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 
@@ -104,5 +105,10 @@ def make_sigmas(
     """``steps + 1`` decreasing noise levels ending in 0, by the named spacing."""
     if spacing not in SPACINGS:
         raise ValueError(f"unknown sampler.spacing={spacing!r}; choose one of: {', '.join(sorted(SPACINGS))}")
-    sigmas = SPACINGS[spacing](train_sigmas, steps, **options)
+    known = {name for fn in SPACINGS.values() for name in inspect.signature(fn).parameters} - {"train_sigmas", "steps"}
+    if set(options) - known:
+        raise ValueError(f"unknown spacing option(s) {sorted(set(options) - known)}; known: {', '.join(sorted(known))}")
+    # An option of another spacing (rho from a karras config after sampler.spacing=logsnr) does not apply here.
+    accepted = inspect.signature(SPACINGS[spacing]).parameters
+    sigmas = SPACINGS[spacing](train_sigmas, steps, **{k: v for k, v in options.items() if k in accepted})
     return torch.cat([sigmas, sigmas.new_zeros(1)]).to(dtype)
