@@ -1,0 +1,359 @@
+"""Samplers against exact answers: a Gaussian mixture has a closed-form denoiser, so the PF-ODE
+solution and the sample distribution are known (tests/gmm.py)."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from gmm import GaussianMixture, ode_reference
+
+from fewstep.diffusion.schedules import LinearSchedule
+from fewstep.diffusion.thresholding import DynamicThreshold, dynamic_threshold
+from fewstep.samplers import SAMPLERS, get_sampler, make_sigmas
+from fewstep.samplers.optimize import load_or_optimize, optimize_sigmas
+from fewstep.samplers.spacing import karras
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "sampler"
+GRID_KEYS = {"name", "steps", "spacing", "rho", "sigma_min", "sigma_max"}  # read by the caller
+SIGMA_MAX, SIGMA_MIN = 20.0, 0.01
+TABLE = torch.ones(1000)  # karras() only checks steps against the table length
+
+
+def karras_grid(steps: int, sigma_max: float = SIGMA_MAX, sigma_min: float = SIGMA_MIN) -> torch.Tensor:
+    sigmas = karras(TABLE, steps, sigma_min=sigma_min, sigma_max=sigma_max)
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+class Counting:
+    def __init__(self, denoiser) -> None:
+        self.denoiser, self.calls = denoiser, 0
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+        self.calls += 1
+        return self.denoiser(x, sigma, **cond)
+
+
+def rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).pow(2).flatten(1).sum(1).mean().sqrt())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Thousands of tiny tensor ops: a second thread only adds synchronisation, worst on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def gmm() -> GaussianMixture:
+    return GaussianMixture.random(dim=4, components=3, seed=0, spread=1.0)  # overlapping: a smooth ODE map
+
+
+@pytest.fixture(scope="module")
+def ode_problem(gmm: GaussianMixture) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(256, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * SIGMA_MAX
+    return x, ode_reference(gmm, x, SIGMA_MAX, SIGMA_MIN)
+
+
+# (sampler, options, step counts, order of convergence). UniPC's corrector adds one order to the
+# predictor's (Zhao et al. 2023, Thm 3.3); iPNDM's fixed (equal-step) weights are order 2 on a Karras grid.
+ORDER_CASES = [
+    ("euler", {}, [16, 32, 64], 1),
+    ("ddim", {}, [16, 32, 64], 1),
+    ("heun", {}, [16, 32, 64], 2),
+    ("dpmpp_2m", {}, [16, 32, 64], 2),
+    ("dpmpp_3m", {}, [32, 64, 128], 3),
+    ("dpmpp_2m_sde", {"eta": 0.0}, [16, 32, 64], 2),
+    ("unipc", {"order": 1}, [16, 32, 64], 2),
+    ("unipc", {"order": 2}, [32, 64, 128], 3),
+    ("unipc", {"order": 2, "variant": "bh1"}, [32, 64, 128], 3),
+    ("unipc", {"order": 3}, [32, 64, 128], 4),
+    ("unipc", {"order": 2, "corrector": False}, [32, 64, 128], 2),
+    ("ipndm", {"order": 1}, [16, 32, 64], 1),
+    ("ipndm", {"order": 2}, [32, 64, 128], 2),
+    ("ipndm", {"order": 3}, [64, 128, 256], 3),
+    # Its Euler/AB2/AB3 warm-up caps the asymptotic order (local error h^2 in step 1), but at
+    # sigma_max the path is nearly straight, so that term stays small over practical step counts.
+    ("ipndm", {"order": 4}, [64, 128, 256], (3.3, 4.35)),
+    ("ipndm", {"order": 4, "variable_step": False}, [32, 64, 128], 2),
+]
+
+
+@pytest.mark.parametrize(("name", "options", "steps", "order"), ORDER_CASES, ids=lambda v: str(v))
+def test_convergence_order(gmm, ode_problem, name, options, steps, order):
+    x, ref = ode_problem
+    if "lower_order_final" in inspect.signature(SAMPLERS[name]).parameters:
+        options = {**options, "lower_order_final": False}  # a clean asymptotic order
+    errors = [rms(SAMPLERS[name](gmm.denoiser, x, karras_grid(n), **options), ref) for n in steps]
+    slope = -np.polyfit(np.log(steps), np.log(errors), 1)[0]
+    low, high = order if isinstance(order, tuple) else (order - 0.35, order + 0.35)
+    assert low < slope < high, f"{name} {options}: slope {slope:.2f}, errors {errors}"
+
+
+def test_multistep_final_steps_fall_back_to_lower_order(gmm, ode_problem):
+    """lower_order_final only changes grids of < 15 steps, and there only the last steps."""
+    x, _ = ode_problem
+    for name in ("dpmpp_3m", "unipc", "ipndm"):
+        fn = SAMPLERS[name]
+        long_a, long_b = (fn(gmm.denoiser, x, karras_grid(20), order=3, lower_order_final=v) for v in (True, False))
+        torch.testing.assert_close(long_a, long_b, rtol=0, atol=0)
+        short_a, short_b = (fn(gmm.denoiser, x, karras_grid(8), order=3, lower_order_final=v) for v in (True, False))
+        assert not torch.equal(short_a, short_b)
+
+
+def test_ipndm_variable_weights_reduce_to_classic_on_uniform_grid(gmm, ode_problem):
+    x, _ = ode_problem
+    sigmas = torch.cat([torch.linspace(SIGMA_MAX, 0.5, 12, dtype=torch.float64), torch.zeros(1)])
+    a = SAMPLERS["ipndm"](gmm.denoiser, x, sigmas, variable_step=True)
+    b = SAMPLERS["ipndm"](gmm.denoiser, x, sigmas, variable_step=False)
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_known_equivalences(gmm, ode_problem):
+    """Euler = DDIM(eta=0); UniP-2 with B(h) = e^h - 1 and a_1 = 1/2 = DPM-Solver++(2M); the SDE
+    solver at eta = 0 = the Taylor form of 2M (dpmpp_3m with order=2)."""
+    x, _ = ode_problem
+    grid = karras_grid(10)
+    run = {name: lambda name=name, **o: SAMPLERS[name](gmm.denoiser, x, grid, **o) for name in SAMPLERS}
+    torch.testing.assert_close(run["euler"](), run["ddim"]())
+    torch.testing.assert_close(run["unipc"](order=2, variant="bh2", corrector=False), run["dpmpp_2m"]())
+    torch.testing.assert_close(run["dpmpp_2m_sde"](eta=0.0), run["dpmpp_3m"](order=2))
+
+
+@pytest.mark.parametrize("tol", [1e-4, 1e-7])
+def test_ode_rk45_meets_tolerance_and_reports_nfe(gmm, ode_problem, tol):
+    x, ref = ode_problem
+    stats: dict = {}
+    counting = Counting(gmm.denoiser)
+    out = SAMPLERS["ode_rk45"](counting, x, karras_grid(2), rtol=tol, atol=tol, stats=stats)
+    assert stats["nfe"] == counting.calls > 0
+    assert stats["nfe"] == 2 + 6 * (stats["steps"] + stats["rejected"])  # f(x0), start-step probe, 6 per step (FSAL)
+    assert rms(out, ref) < 20 * tol * math.sqrt(x.shape[1])
+
+
+# ----------------------------------------------------------------------------- stochastic samplers
+
+MIXTURE_2D = GaussianMixture(
+    torch.tensor([0.5, 0.3, 0.2]),
+    torch.tensor([[-2.0, 0.0], [2.0, 1.0], [0.0, -2.5]]),
+    torch.tensor([[0.5, 0.3], [0.4, 0.6], [0.7, 0.4]]),
+)
+SCHEDULE = LinearSchedule(beta_start=1e-4, beta_end=0.02, num_timesteps=1000)
+
+STOCHASTIC_CASES = [
+    ("ddpm", 1000, "trailing", {}, {}),
+    ("ddim", 100, "trailing", {}, {"eta": 1.0}),
+    ("dpmpp_2m_sde", 50, "karras", {}, {"eta": 1.0}),
+    ("euler_maruyama", 500, "logsnr", {}, {}),
+    ("pc", 100, "logsnr", {}, {"snr": 0.16, "n_corrector": 1}),
+    ("annealed_langevin", 20, "logsnr", {"sigma_max": 10.0}, {"n_steps_each": 50, "step_lr": 5e-5}),
+    ("heun", 50, "karras", {}, {"s_churn": 20.0}),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "steps", "spacing", "grid_options", "options"), STOCHASTIC_CASES, ids=lambda v: str(v)
+)
+def test_stochastic_sampler_distribution(name, steps, spacing, grid_options, options):
+    """Mean, covariance and mixture weights E[p(k | x)] (= w_k exactly under the true law) within
+    5 standard errors, estimated from the samples themselves."""
+    n, gmm = 4000, MIXTURE_2D
+    g = torch.Generator().manual_seed(0)
+    sigmas = SCHEDULE.sigmas(steps, spacing, dtype=torch.float64, **grid_options)
+    x = SAMPLERS[name](
+        gmm.denoiser, torch.randn(n, 2, generator=g, dtype=torch.float64) * sigmas[0], sigmas, generator=g, **options
+    )
+    centred = x - x.mean(0)
+    products = (centred[:, :, None] * centred[:, None, :]).reshape(n, -1)
+    resp = gmm.responsibilities(x)
+    for label, values, truth in [
+        ("mean", x, gmm.mean()),
+        ("covariance", products, gmm.cov().reshape(-1)),
+        ("weights", resp, gmm.weights),
+    ]:
+        z = (values.mean(0) - truth) / (values.std(0) / math.sqrt(n))
+        assert float(z.abs().max()) < 5, f"{name}: {label} off by {z.tolist()} standard errors"
+
+
+def test_ddpm_equals_ddim_eta1_and_vp_algorithm():
+    schedule = LinearSchedule(beta_start=1e-4, beta_end=0.02, num_timesteps=200)
+    gmm = MIXTURE_2D
+    sigmas = schedule.sigmas(200, "trailing", dtype=torch.float64)
+    noise = torch.randn(64, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ddpm = SAMPLERS["ddpm"](gmm.denoiser, noise * sigmas[0], sigmas, generator=torch.Generator().manual_seed(4))
+    ddim = SAMPLERS["ddim"](
+        gmm.denoiser, noise * sigmas[0], sigmas, generator=torch.Generator().manual_seed(4), eta=1.0
+    )
+    torch.testing.assert_close(ddpm, ddim, rtol=1e-10, atol=1e-10)
+
+    # DDPM Algorithm 2 in VP coordinates x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, with the model's
+    # x0 estimate plugged into the posterior q(x_{t-1} | x_t, x0) (Ho et al. 2020, Eqs. 6-7).
+    g, abar = torch.Generator().manual_seed(4), schedule.alphas_cumprod
+    x = noise * sigmas[0] * abar[-1].sqrt()
+    for t in range(schedule.num_timesteps - 1, 0, -1):
+        sigma = ((1 - abar[t]) / abar[t]).sqrt()
+        x0 = gmm.denoiser(x / abar[t].sqrt(), sigma.expand(len(x)))
+        mean, var = schedule.posterior(x0, x, torch.full((len(x),), t))
+        x = mean + var.sqrt() * torch.randn(x.shape, generator=g, dtype=x.dtype)
+    x = gmm.denoiser(x / abar[0].sqrt(), ((1 - abar[0]) / abar[0]).sqrt().expand(len(x)))
+    torch.testing.assert_close(ddpm, x, rtol=1e-9, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------- contract and errors
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_image_shaped_float32_input_and_batch_sigma(name):
+    gmm = GaussianMixture.random(dim=4, components=2, seed=1)
+    seen = []
+
+    def denoiser(x, sigma, **cond):
+        assert sigma.shape == (x.shape[0],) and sigma.dtype == x.dtype == torch.float32
+        assert cond == {"label": 3}
+        seen.append(float(sigma[0]))
+        return gmm.denoiser(x.double(), sigma.double()).float()
+
+    records = []
+    sigmas = SCHEDULE.sigmas(6, "karras", dtype=torch.float32)
+    x = torch.randn(5, 1, 2, 2, generator=torch.Generator().manual_seed(0)) * sigmas[0]
+    options = {"n_steps_each": 2} if name == "annealed_langevin" else {}
+    out = SAMPLERS[name](
+        denoiser,
+        x,
+        sigmas,
+        generator=torch.Generator().manual_seed(1),
+        callback=records.append,
+        cond={"label": 3},
+        **options,
+    )
+    assert out.shape == x.shape and out.dtype == torch.float32 and bool(out.isfinite().all())
+    assert seen and records and set(records[0]) == {"x", "i", "sigma", "sigma_next", "denoised"}
+
+
+def test_every_sampler_has_a_config_and_back():
+    names = {p.stem for p in CONF.glob("*.yaml")}
+    assert names == set(SAMPLERS)
+    for path in CONF.glob("*.yaml"):
+        config = yaml.safe_load(path.read_text())
+        assert config["name"] == path.stem
+        params = inspect.signature(SAMPLERS[path.stem]).parameters
+        unknown = set(config) - GRID_KEYS - set(params)
+        assert not unknown, f"{path.name}: options {unknown} are not parameters of the sampler"
+        grid_options = {k: config[k] for k in ("rho", "sigma_min", "sigma_max") if k in config}
+        assert len(make_sigmas(SCHEDULE.train_sigmas, config["steps"], config["spacing"], **grid_options)) == (
+            config["steps"] + 1
+        )
+        # switching the spacing of a karras config leaves its rho without effect, not an error
+        assert len(make_sigmas(SCHEDULE.train_sigmas, 4, "logsnr", **grid_options)) == 5
+
+
+def test_nfe_counts(gmm, ode_problem):
+    x, _ = ode_problem
+    x = x[:8]
+    expected = {
+        "heun": 2 * 10 - 1,
+        "euler": 10,
+        "dpmpp_3m": 10,
+        "unipc": 10,
+        "ipndm": 10,
+        "pc": 2 * 10,
+        "annealed_langevin": 10 * 3 + 1,
+    }
+    for name, nfe in expected.items():
+        counting = Counting(gmm.denoiser)
+        options = {"n_steps_each": 3} if name == "annealed_langevin" else {}
+        SAMPLERS[name](counting, x, karras_grid(10), generator=torch.Generator().manual_seed(0), **options)
+        assert counting.calls == nfe, name
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: SCHEDULE.sigmas(0), "sampler.steps must be an integer >= 1"),
+        (lambda: LinearSchedule(num_timesteps=100).sigmas(101), "more than the schedule's 100"),
+        (lambda: SCHEDULE.sigmas(10, "warped"), "unknown sampler.spacing='warped'"),
+        (lambda: SCHEDULE.sigmas(10, "karras", rhoo=7.0), r"unknown spacing option\(s\) \['rhoo'\]"),
+        (lambda: _run("ipndm", order=5), "sampler.order=5 is not supported by ipndm; use 1..4"),
+        (lambda: _run("unipc", order=4), "sampler.order=4 is not supported by unipc; use 1..3"),
+        (lambda: _run("dpmpp_3m", order=0), "sampler.order=0 is not supported by dpmpp_3m; use 1..3"),
+        (lambda: _run("unipc", variant="bh3"), "sampler.variant must be 'bh1' or 'bh2'"),
+        (lambda: _run("euler", sigmas=torch.tensor([1.0, 2.0, 0.0])), "strictly decreasing"),
+        (lambda: _run("heun", sigmas=torch.tensor([2.0, 2.0, 0.0])), "strictly decreasing"),
+        (lambda: _run("ode_rk45", rtol=0.0), "sampler.rtol and sampler.atol must be > 0"),
+        (lambda: get_sampler("dpm_fast"), "unknown sampler 'dpm_fast'"),
+    ],
+)
+def test_bad_input_raises_one_line_value_error(call, message):
+    with pytest.raises(ValueError, match=message) as info:
+        call()
+    assert "\n" not in str(info.value)
+
+
+def _run(name: str, sigmas: torch.Tensor | None = None, **options) -> torch.Tensor:
+    sigmas = karras_grid(5) if sigmas is None else sigmas
+    return SAMPLERS[name](lambda x, s, **c: x * 0, torch.randn(2, 3) * sigmas[0], sigmas, **options)
+
+
+# ----------------------------------------------------------------------------- optimized spacing
+
+
+def test_optimized_grid_beats_karras_on_held_out_noise(gmm):
+    g = torch.Generator().manual_seed(5)
+    train, test = (torch.randn(n, 4, generator=g, dtype=torch.float64) for n in (128, 512))
+    sigma_max, sigma_min = 80.0, 0.002
+    init = karras_grid(6, sigma_max, sigma_min)
+    reference = ode_reference(gmm, test * sigma_max, sigma_max, sigma_min)
+    for name in ("euler", "dpmpp_2m"):
+        grid = optimize_sigmas(gmm.denoiser, train, init, name)
+        assert len(grid) == len(init) and grid[0] == init[0] and grid[-1] == 0 and grid[-2] >= sigma_min
+        assert bool((grid[:-1] > grid[1:]).all())
+        errors = [rms(SAMPLERS[name](gmm.denoiser, test * sigma_max, s), reference) for s in (init, grid)]
+        assert errors[1] < 0.8 * errors[0], f"{name}: optimized {errors[1]:.3g} vs karras {errors[0]:.3g}"
+
+
+def test_optimize_refuses_stochastic_sampler(gmm):
+    with pytest.raises(ValueError, match="needs a deterministic sampler"):
+        optimize_sigmas(
+            gmm.denoiser,
+            torch.randn(8, 4, dtype=torch.float64),
+            karras_grid(4),
+            "ddim",
+            options={"eta": 1.0},
+            reference_steps=8,
+        )
+
+
+def test_load_or_optimize_caches_json(tmp_path):
+    calls = []
+
+    def compute() -> torch.Tensor:
+        calls.append(1)
+        return torch.tensor([10.0, 1.0, 0.1, 0.0])
+
+    path = tmp_path / "cache" / "sigmas.json"
+    key = {"ckpt": "last.ckpt", "sampler": "dpmpp_2m", "steps": 3, "options": {"a": (1, 2)}}
+    first = load_or_optimize(path, key, compute)
+    again = load_or_optimize(path, {**key, "options": {"a": [1, 2]}}, compute)
+    other = load_or_optimize(path, {**key, "steps": 4}, compute)
+    assert len(calls) == 2 and torch.equal(first, again) and torch.equal(first, other)
+    assert path.read_text().lstrip().startswith("[")
+
+
+def test_dynamic_threshold():
+    x0 = torch.tensor([[0.5, -0.2, 0.9, 0.1], [3.0, -1.5, 0.0, 0.5]])
+    out = dynamic_threshold(x0, percentile=1.0)
+    torch.testing.assert_close(out, torch.tensor([[0.5, -0.2, 0.9, 0.1], [1.0, -0.5, 0.0, 0.5 / 3]]))
+    wrapped = DynamicThreshold(lambda x, sigma: 4 * x, percentile=0.9)
+    sigmas = karras_grid(4)
+    sample = SAMPLERS["dpmpp_2m"](wrapped, torch.randn(3, 1, 4, 4) * sigmas[0], sigmas.float())
+    assert float(sample.abs().max()) <= 1.0 + 1e-6
+    with pytest.raises(ValueError, match="percentile"):
+        DynamicThreshold(wrapped, percentile=0.0)
