@@ -163,3 +163,32 @@ def test_nan_loss_stops_with_clear_message():
     batch = next(iter(toy_loader()))
     with pytest.raises(FloatingPointError, match="lower module.lr"):
         model.training_step(batch, 0)
+
+
+def test_optimized_spacing_cached_per_checkpoint(tmp_path):
+    model = small_model()
+    fit(model, tmp_path, max_steps=4)
+    loaded = load_model(tmp_path / "ckpt" / "last.ckpt")
+    calls = []
+    net_forward = loaded.ema.module.forward
+    loaded.ema.module.forward = lambda *a, **k: calls.append(1) or net_forward(*a, **k)
+    g = torch.Generator().manual_seed(0)
+    first = loaded.sample(2, "dpmpp_2m", steps=3, spacing="optimized", generator=g)
+    searched = len(calls)
+    assert searched > 100 and first.shape == (2, 1, 16, 16)  # the fine-step reference alone is 511 calls
+    cache = tmp_path / "ckpt" / "last.optimized_sigmas.json"
+    assert cache.is_file()
+    again = load_model(tmp_path / "ckpt" / "last.ckpt")  # a new process would start like this
+    calls.clear()
+    net_forward = again.ema.module.forward
+    again.ema.module.forward = lambda *a, **k: calls.append(1) or net_forward(*a, **k)
+    second = again.sample(2, "dpmpp_2m", steps=3, spacing="optimized", generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 3 and torch.equal(first, second)  # only the sampler's own 3 calls
+
+
+def test_dynamic_threshold_option():
+    model = small_model()
+    out = model.sample(2, "ddim", steps=2, dynamic_threshold=0.9)
+    assert out.shape == (2, 1, 16, 16)
+    with pytest.raises(ValueError, match="percentile"):
+        model.sample(2, "ddim", steps=2, dynamic_threshold=1.5)

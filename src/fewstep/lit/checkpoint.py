@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> DiffusionModel:
     """A :class:`DiffusionModel` rebuilt from a checkpoint's hyper-parameters and weights."""
+    path = Path(path)
     checkpoint = load_checkpoint(path, map_location)
     try:
         model = DiffusionModel(**checkpoint["hyper_parameters"])
@@ -53,4 +55,15 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Di
             f"{path} does not match the network its hyper-parameters describe "
             f"({len(missing)} missing, {len(unexpected)} unexpected weights, e.g. {(missing + unexpected)[0]})"
         )
+    model.sigmas_cache = path.parent / f"{path.stem}.optimized_sigmas.json"
+    model.checkpoint_id = file_digest(path)
     return model.to(map_location).eval()
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file: identifies the weights an optimized grid was tuned for."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

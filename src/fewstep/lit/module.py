@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -13,7 +15,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
 from fewstep.diffusion import PREDICTIONS, Denoiser, diffusion_loss, make_schedule
-from fewstep.diffusion.sampling import SampleResult, SamplerSpec, generate
+from fewstep.diffusion.sampling import OPTIMIZED, SampleResult, SamplerSpec, generate, optimized_sigmas
 from fewstep.nn import UNet
 
 DEFAULT_UNET = {
@@ -131,6 +133,10 @@ class DiffusionModel(L.LightningModule):
                 raise ValueError(f"module.ema_decay must be in (0, 1) or null, got {ema_decay}")
             self.ema = AveragedModel(self.net, multi_avg_fn=ema_with_warmup(ema_decay), use_buffers=True)
             self.ema.requires_grad_(False)
+        # Set by load_model: where optimized grids of this checkpoint are cached, and its identity.
+        self.sigmas_cache: Path | None = None
+        self.checkpoint_id: str | None = None
+        self._optimized: dict[str, Tensor] = {}
 
     # ----------------------------------------------------------------------------- training
     def _labels(self, batch: Any) -> dict:
@@ -236,6 +242,7 @@ class DiffusionModel(L.LightningModule):
         was_training = self.training
         self.eval()
         try:
+            sigmas = self.optimized_sigmas(spec, use_ema) if spec.spacing == OPTIMIZED else None
             result = generate(
                 self.denoiser(use_ema),
                 self.schedule,
@@ -248,11 +255,37 @@ class DiffusionModel(L.LightningModule):
                 cond={"y": y} if y is not None else None,
                 progress=progress,
                 to_cpu=False,
+                sigmas=sigmas,
             )
         finally:
             self.train(was_training)
         result.images = result.images.clamp(-1, 1)
         return result if return_result else result.images
+
+    def optimized_sigmas(self, spec: SamplerSpec, use_ema: bool = True) -> Tensor:
+        """The ``optimized`` grid for this model and sampler: cached beside the checkpoint it was
+        loaded from (keyed by the file's hash), or in memory for the current training step."""
+        shape = (self.hparams.channels, self.hparams.image_size, self.hparams.image_size)
+        weights = self.checkpoint_id or f"step-{self.global_step}"
+        key = {"weights": weights, "ema": bool(use_ema and self.ema is not None)}
+        memo = json.dumps(
+            [key, spec.name, spec.steps, spec.options, spec.spacing_options, spec.dynamic_threshold],
+            sort_keys=True,
+            default=str,
+        )
+        if memo not in self._optimized:
+            if len(self._optimized) > 32:
+                self._optimized.clear()
+            self._optimized[memo] = optimized_sigmas(
+                self.denoiser(use_ema),
+                self.schedule,
+                spec,
+                shape,
+                device=self.device,
+                cache_path=self.sigmas_cache if self.checkpoint_id else None,
+                cache_key=key,
+            )
+        return self._optimized[memo]
 
 
 def restore_rng_states(state: Mapping[str, Any]) -> None:
