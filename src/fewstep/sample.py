@@ -1,11 +1,13 @@
-"""The sampling task behind sample.py: a checkpoint in, a grid, an .npz and a summary out."""
+"""The sampling task behind sample.py: a checkpoint in, a grid, an .npz and a summary (with FID/KID/IS) out."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,9 +16,10 @@ from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
 from fewstep.diffusion.sampling import SamplerSpec
-from fewstep.lit import load_model
+from fewstep.lit import DiffusionModel, load_model
 
 log = logging.getLogger(__name__)
+GRID_MAX = 256  # images shown in samples.png
 
 
 def pick_device(name: str) -> torch.device:
@@ -28,10 +31,60 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def build_scores(cfg: DictConfig, model: DiffusionModel, device: torch.device):  # -> GenerativeScores
+    """FID/KID/IS against the data the checkpoint was trained on (its ``hparams.data``), features per ``cfg.features``.
+
+    Trains the feature classifier and computes the reference statistics when they are not cached
+    yet: before sampling starts, so the sampling time stays clean.
+    """
+    from fewstep.metrics import METRICS, GenerativeScores, build_features, reference_stats
+
+    data = model.hparams.get("data")
+    if not data:
+        raise ValueError(
+            f"{cfg.ckpt} does not record the data it was trained on (written by an older fewstep): "
+            "eval=true cannot build the reference; retrain it with train.py"
+        )
+    options = OmegaConf.to_container(cfg.get("evaluation") or {}, resolve=True)
+    data = {**data, **({"root": options["data_root"]} if options.get("data_root") else {})}
+    features = OmegaConf.to_container(cfg.features, resolve=True) if cfg.get("features") else {"name": "auto"}
+    extractor = build_features(features, data, device)
+    metrics = tuple(options.get("metrics") or METRICS)
+    if not set(metrics) <= set(METRICS):
+        raise ValueError(f"unknown evaluation.metrics={list(metrics)}; choose from: {', '.join(METRICS)}")
+    reference = reference_stats(
+        data,
+        extractor,
+        split=options.get("split", "train"),
+        cache_dir=features.get("cache_dir") or "logs/cache",
+        max_kid_features=int(options.get("max_kid_features", 10_000)) if "kid" in metrics else 0,
+    )
+    return GenerativeScores(
+        extractor,
+        reference,
+        metrics=metrics,
+        kid_subsets=int(options.get("kid_subsets", 100)),
+        kid_subset_size=int(options.get("kid_subset_size", 1000)),
+        is_splits=int(options.get("is_splits", 10)),
+        seed=int(options.get("seed", 0)),
+    )
+
+
 def sample(cfg: DictConfig) -> dict:
-    """Draw ``cfg.n`` samples; write samples.png, samples.npz and summary.json to ``cfg.out_dir``."""
+    """Draw ``cfg.n`` samples; write samples.png, samples.npz and summary.json to ``cfg.out_dir``.
+
+    Samples are drawn ``cfg.batch_size`` at a time; with ``eval=true`` each batch is scored as it
+    comes (the metrics keep features, not images), and ``save_npz=false`` keeps no image at all
+    beyond the grid's. The random stream is the same as drawing all ``n`` at once.
+    """
     if cfg.n < 1:
         raise ValueError(f"n must be >= 1, got {cfg.n}")
+    if cfg.batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    evaluate = bool(cfg.get("eval", False))
+    if evaluate and cfg.n < 2:
+        raise ValueError(f"eval=true needs n >= 2 samples (FID fits a covariance), got n={cfg.n}")
+    save_npz = bool(cfg.get("save_npz", True))
     device = pick_device(cfg.device)
     model = load_model(cfg.ckpt, map_location=device)
     sampler_cfg = OmegaConf.to_container(cfg.sampler, resolve=True)
@@ -42,48 +95,89 @@ def sample(cfg: DictConfig) -> dict:
         and spec.spacing in ("trailing", "quadratic")
     ):
         raise ValueError(f"sampler.steps={spec.steps} exceeds the model's {model.schedule.num_timesteps} timesteps")
+    scores = build_scores(cfg, model, device) if evaluate else None
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(int(cfg.seed))
+    kept: list[torch.Tensor] = []  # uint8 samples for the .npz
+    shown: list[torch.Tensor] = []  # the first GRID_MAX samples for the grid
+    seconds, eval_seconds, nfe, num_shown = 0.0, 0.0, 0, 0
     with tqdm(total=cfg.n, desc=f"{spec.name} x{spec.steps}", unit="img") as bar:
-        result = model.sample(
-            cfg.n,
-            sampler_cfg,
-            generator=generator,
-            batch_size=cfg.batch_size,
-            use_ema=cfg.ema,
-            return_result=True,
-            progress=bar.update,
-        )
-    images = result.images.float().cpu()
-    uint8 = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    np.savez_compressed(out_dir / "samples.npz", images=uint8.permute(0, 2, 3, 1).numpy())
-    shown = images[: min(len(images), 256)]
+        for begin in range(0, cfg.n, cfg.batch_size):
+            count = min(cfg.batch_size, cfg.n - begin)
+            result = model.sample(
+                count,
+                sampler_cfg,
+                generator=generator,
+                batch_size=count,
+                use_ema=cfg.ema,
+                return_result=True,
+                progress=bar.update,
+            )
+            seconds, nfe = seconds + result.seconds, max(nfe, result.nfe)
+            if scores is not None:
+                start = time.perf_counter()
+                scores.update(result.images)
+                eval_seconds += time.perf_counter() - start
+            images = result.images.float().cpu()
+            if save_npz:
+                kept.append(((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
+            if num_shown < GRID_MAX:
+                shown.append(images[: GRID_MAX - num_shown])
+                num_shown += len(shown[-1])
+    if save_npz:
+        np.savez_compressed(out_dir / "samples.npz", images=torch.cat(kept).permute(0, 2, 3, 1).numpy())
+    grid = torch.cat(shown)
     save_image(
-        make_grid((shown + 1) / 2, nrow=int(math.ceil(math.sqrt(len(shown)))), pad_value=1.0), out_dir / "samples.png"
+        make_grid((grid + 1) / 2, nrow=int(math.ceil(math.sqrt(len(grid)))), pad_value=1.0), out_dir / "samples.png"
     )
-    summary = {
+    summary: dict[str, Any] = {
         "ckpt": str(cfg.ckpt),
         "sampler": spec.name,
         "steps": spec.steps,
         "spacing": spec.spacing,
         "options": spec.options,
-        "nfe": result.nfe,
+        "nfe": nfe,
         "n": cfg.n,
-        "seconds": result.seconds,
-        "seconds_per_image": result.seconds / cfg.n,
-        "images_per_second": result.images_per_second,
+        "seconds": seconds,
+        "seconds_per_image": seconds / cfg.n,
+        "images_per_second": cfg.n / seconds if seconds > 0 else math.inf,
         "device": str(device),
         "ema": bool(cfg.ema and model.ema is not None),
         "seed": int(cfg.seed),
     }
+    if scores is not None:
+        start = time.perf_counter()
+        values = scores.compute()
+        eval_seconds += time.perf_counter() - start
+        summary.update({k: v for k, v in values.items() if k not in ("n", "reference_n")})
+        summary["reference"] = {
+            "data": model.hparams.data.get("name"),
+            "split": (cfg.get("evaluation") or {}).get("split", "train"),
+            "image_size": model.hparams.data.get("image_size"),
+            "n": values["reference_n"],
+        }
+        summary["eval_seconds"] = eval_seconds
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     log.info(
         "%d samples in %.2fs (%.1f img/s, NFE %d) -> %s",
         cfg.n,
-        result.seconds,
-        result.images_per_second,
-        result.nfe,
+        seconds,
+        summary["images_per_second"],
+        nfe,
         out_dir,
     )
+    if scores is not None:
+        log.info(
+            "FID %.3f  KID %s  IS %s  (%s, %.1fs)",
+            summary.get("fid", math.nan),
+            _fmt(summary.get("kid_mean")),
+            _fmt(summary.get("is_mean")),
+            summary["features"],
+            eval_seconds,
+        )
     return summary
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
