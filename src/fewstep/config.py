@@ -39,6 +39,12 @@ def group_options(group: str, config_dir: Path = CONFIG_DIR) -> list[str]:
     return sorted(p.stem for p in (config_dir / group).glob("*.yaml"))
 
 
+def sampler_config(name: str, config_dir: Path = CONFIG_DIR) -> dict[str, Any]:
+    """``conf/sampler/NAME.yaml`` as a dict (the defaults a sampler is used with), or just the name."""
+    path = config_dir / "sampler" / f"{name}.yaml"
+    return dict(OmegaConf.to_container(OmegaConf.load(path))) if path.is_file() else {"name": name}
+
+
 def check_choices(argv: Sequence[str], config_dir: Path = CONFIG_DIR) -> str | None:
     """The one-line error for a command-line ``group=option`` naming no config, else None.
 

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
+from fewstep.config import sampler_config
 from fewstep.diffusion import PREDICTIONS, Denoiser, diffusion_loss, make_schedule
 from fewstep.diffusion.sampling import OPTIMIZED, SampleResult, SamplerSpec, generate, optimized_sigmas
 from fewstep.nn import UNet
@@ -226,14 +227,14 @@ class DiffusionModel(L.LightningModule):
     ) -> Tensor | SampleResult:
         """Draw ``num_samples`` images in [-1, 1] with the EMA weights (when there are any).
 
-        ``sampler`` is a name (``"ddim"``) or a full sampler config; ``steps``, ``spacing`` and
+        ``sampler`` is a name (``"ddim"``: the config of ``conf/sampler/ddim.yaml``, or the run's
+        own when it trained with that sampler) or a full sampler config; ``steps``, ``spacing`` and
         ``options`` (e.g. ``eta=0.5``) override it. With ``return_result`` the NFE and wall time
         come back too.
         """
-        if isinstance(sampler, str):
-            base = {"name": sampler}
-            if sampler == self.hparams.sampler.get("name"):
-                base = dict(self.hparams.sampler)
+        if isinstance(sampler, str):  # the run's own config for its sampler, else conf/sampler/NAME.yaml
+            same = sampler == self.hparams.sampler.get("name")
+            base = dict(self.hparams.sampler) if same else sampler_config(sampler)
         else:
             base = dict(sampler or self.hparams.sampler)
         spec = SamplerSpec.from_config(base, steps=steps, spacing=spacing, **options)
