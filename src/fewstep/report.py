@@ -38,6 +38,7 @@ COLUMNS = (
 )
 SHOWN = {  # markdown column -> (header, format)
     "sampler": ("sampler", "{}"),
+    "spacing": ("spacing", "{}"),
     "steps": ("steps", "{}"),
     "nfe": ("NFE", "{}"),
     "n": ("n", "{}"),
@@ -74,7 +75,7 @@ def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
         rows.append(row)
     if not rows:
         raise ValueError(f"none of the {len(paths)} summary.json under {root} has an FID; sample with eval=true")
-    rows.sort(key=lambda r: (str(r["sampler"]), str(r["features"]), r["nfe"] or 0, r["steps"] or 0))
+    rows.sort(key=lambda r: (str(r["sampler"]), str(r["spacing"]), str(r["features"]), r["nfe"] or 0, r["steps"] or 0))
     return rows
 
 
@@ -109,9 +110,16 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     several_features = len({r["features"] for r in rows}) > 1
-    lines: dict[str, list[dict[str, Any]]] = {}
+    spacings: dict[str, set] = {}
     for row in rows:
-        label = f"{row['sampler']} [{row['features']}]" if several_features else str(row["sampler"])
+        spacings.setdefault(str(row["sampler"]), set()).add(row["spacing"])
+    lines: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:  # one line per sampler, and per spacing where a sampler was run with several
+        label = str(row["sampler"])
+        if len(spacings[label]) > 1:
+            label += f" ({row['spacing']})"
+        if several_features:
+            label += f" [{row['features']}]"
         lines.setdefault(label, []).append(row)
     fig, (ax_nfe, ax_time) = plt.subplots(1, 2, figsize=(11, 4.2))
     for label, points in lines.items():
@@ -122,10 +130,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     features = ", ".join(sorted({str(r["features"]) for r in rows}))
     ax_nfe.set(xlabel="NFE (network evaluations per sample)", ylabel=f"FID ({features})", title="FID vs NFE")
     ax_time.set(xlabel="seconds per image", ylabel="FID", title="FID vs sampling time")
+    ax_nfe.set_xscale("log")
     ax_time.set_xscale("log")
     for ax in (ax_nfe, ax_time):
-        ax.ticklabel_format(axis="y", useOffset=False)
-        ax.grid(alpha=0.3)
+        ax.set_yscale("log")  # FID spans orders of magnitude between 5 NFE and convergence
+        ax.grid(alpha=0.3, which="both")
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

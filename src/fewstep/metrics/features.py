@@ -17,7 +17,6 @@ Choose one with the ``features`` config group (``conf/features``):
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Mapping
@@ -27,6 +26,8 @@ from urllib.error import URLError
 
 import torch
 from torch import Tensor, nn
+
+from fewstep.lit.checkpoint import file_digest as checkpoint_digest
 
 INCEPTION_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
@@ -156,11 +157,7 @@ def inception_weights(weights_path: str | os.PathLike | None = None) -> Path:
 
 def file_digest(path: str | os.PathLike, length: int = 12) -> str:
     """The first ``length`` hex digits of a file's SHA-256 (keys caches to the exact weights used)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:length]
+    return checkpoint_digest(Path(path))[:length]
 
 
 def _check_state_dict(path: Path, required: tuple[str, ...], option: str = "features.weights_path") -> dict:
