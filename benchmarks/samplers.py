@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the Gaussian mixture and its exact OD
 
 from gmm import GaussianMixture, ode_reference  # noqa: E402
 
+from fewstep.diffusion.sampling import CountingDenoiser as Counting  # noqa: E402
 from fewstep.diffusion.schedules import LinearSchedule  # noqa: E402
 from fewstep.samplers import SAMPLERS  # noqa: E402
 from fewstep.samplers.optimize import optimize_sigmas  # noqa: E402
@@ -55,15 +56,6 @@ def steps_for(name: str, nfe: int, options: dict) -> tuple[int, dict]:
         each = max(1, round(math.sqrt(nfe - 1)))
         return max(1, (nfe - 1) // each), {**options, "n_steps_each": each}
     return nfe, options
-
-
-class Counting:
-    def __init__(self, denoiser) -> None:
-        self.denoiser, self.calls = denoiser, 0
-
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
-        self.calls += 1
-        return self.denoiser(x, sigma, **cond)
 
 
 def frechet(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -13,6 +13,7 @@ import torch
 import yaml
 from gmm import GaussianMixture, ode_reference
 
+from fewstep.diffusion.sampling import CountingDenoiser as Counting
 from fewstep.diffusion.schedules import LinearSchedule
 from fewstep.diffusion.thresholding import DynamicThreshold, dynamic_threshold
 from fewstep.samplers import SAMPLERS, get_sampler, make_sigmas
@@ -28,15 +29,6 @@ TABLE = torch.ones(1000)  # karras() only checks steps against the table length
 def karras_grid(steps: int, sigma_max: float = SIGMA_MAX, sigma_min: float = SIGMA_MIN) -> torch.Tensor:
     sigmas = karras(TABLE, steps, sigma_min=sigma_min, sigma_max=sigma_max)
     return torch.cat([sigmas, sigmas.new_zeros(1)])
-
-
-class Counting:
-    def __init__(self, denoiser) -> None:
-        self.denoiser, self.calls = denoiser, 0
-
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
-        self.calls += 1
-        return self.denoiser(x, sigma, **cond)
 
 
 def rms(a: torch.Tensor, b: torch.Tensor) -> float:
