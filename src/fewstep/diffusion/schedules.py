@@ -34,6 +34,8 @@ class Schedule:
         self.alphas = 1.0 - betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
         self.train_sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
+        # log sigma table per device: the denoiser maps sigma -> t on every network call
+        self._log_sigmas: dict[torch.device, Tensor] = {}
 
     @property
     def num_timesteps(self) -> int:
@@ -67,7 +69,9 @@ class Schedule:
 
     def sigma_to_t(self, sigma: Tensor) -> Tensor:
         """The fractional training timestep of a noise level (log-sigma interpolation)."""
-        return sigma_to_t(self.train_sigmas, sigma)
+        if sigma.device not in self._log_sigmas:
+            self._log_sigmas[sigma.device] = self.train_sigmas.log().to(sigma.device)
+        return sigma_to_t(self.train_sigmas, sigma, self._log_sigmas[sigma.device])
 
     def t_to_sigma(self, t: Tensor) -> Tensor:
         return t_to_sigma(self.train_sigmas, t)

@@ -36,9 +36,13 @@ def t_to_sigma(train_sigmas: Tensor, t: Tensor) -> Tensor:
     return ((1 - frac) * log_sigmas[low] + frac * log_sigmas[low + 1]).exp()
 
 
-def sigma_to_t(train_sigmas: Tensor, sigma: Tensor) -> Tensor:
-    """Inverse of :func:`t_to_sigma` (fractional timestep of a noise level), clamped to ``[0, T-1]``."""
-    log_sigmas = train_sigmas.double().log().to(sigma.device)
+def sigma_to_t(train_sigmas: Tensor, sigma: Tensor, log_sigmas: Tensor | None = None) -> Tensor:
+    """Inverse of :func:`t_to_sigma` (fractional timestep of a noise level), clamped to ``[0, T-1]``.
+
+    ``log_sigmas``: ``train_sigmas.double().log()`` on ``sigma``'s device, when the caller keeps it.
+    """
+    if log_sigmas is None:
+        log_sigmas = train_sigmas.double().log().to(sigma.device)
     log_sigma = sigma.double().clamp(min=1e-30).log()
     idx = torch.searchsorted(log_sigmas, log_sigma.contiguous()).clamp(1, len(log_sigmas) - 1)
     low, high = log_sigmas[idx - 1], log_sigmas[idx]
