@@ -13,9 +13,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 # A network small enough to train a few steps in seconds on a CPU.
 TINY_NET = [
-    "model.base_channels=8",
-    "model.channel_mult=[1,2]",
-    "model.attention_resolutions=[8]",
+    "model.net.base_channels=8",
+    "model.net.channel_mult=[1,2]",
+    "model.net.attention_resolutions=[8]",
     "data.image_size=16",
     "data.batch_size=8",
 ]

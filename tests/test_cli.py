@@ -88,7 +88,7 @@ def _bad_inputs(trained_run, tmp_path):
         "image size": (["train.py", *common, "data.image_size=17"], "is not divisible by 2"),
         "missing ckpt": (["sample.py", f"ckpt={tmp_path}/nope.ckpt"], "does not exist"),
         "other architecture": (
-            ["train.py", *common, "model.base_channels=16", f"ckpt_path={last}"],
+            ["train.py", *common, "model.net.base_channels=16", f"ckpt_path={last}"],
             "another architecture",
         ),
         "empty folder": (["train.py", *common, "data=folder", f"data.root={empty}", "data.image_size=16"], "no images"),

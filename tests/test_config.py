@@ -52,7 +52,7 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
         model = build_model(cfg, ImageDataModule(image_size=32))
     else:
         with open_dict(cfg):
-            cfg.model.base_channels, cfg.model.channel_mult, cfg.model.attention_resolutions = 8, [1, 2], []
+            cfg.model.net.base_channels, cfg.model.net.channel_mult, cfg.model.net.attention_resolutions = 8, [1, 2], []
         model = build_model(cfg, datamodule)
     assert model.hparams.sampler["name"] == cfg.sampler.name
     SamplerSpec.from_config(model.hparams.sampler).sigmas(model.schedule)
@@ -64,7 +64,7 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
 
 def test_defaults_are_the_embedded_cpu_setup(tmp_path):
     cfg = resolve_hydra(compose_train(), tmp_path)
-    assert cfg.data.name == "mnist5k" and cfg.model.base_channels == 32 and cfg.schedule.schedule == "linear"
+    assert cfg.data.name == "mnist5k" and cfg.model.net.base_channels == 32 and cfg.schedule.schedule == "linear"
     assert cfg.sampler.name == "ddim" and "wandb" in cfg.logger
 
 

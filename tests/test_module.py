@@ -7,7 +7,6 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from fewstep.diffusion import diffusion_loss
 from fewstep.lit import DiffusionModel, load_model
 from fewstep.lit.datamodule import EpochShuffle
 from fewstep.lit.module import check_architecture
@@ -59,7 +58,7 @@ def test_optimizer_steps_lower_the_loss(prediction):
     optimizer = torch.optim.Adam(model.net.parameters(), lr=3e-3)
 
     def loss() -> torch.Tensor:  # same t and noise every time: a fixed objective
-        return diffusion_loss(model.net, model.schedule, x0, prediction, generator=torch.Generator().manual_seed(1))
+        return model.parameterisation.loss(model.net, x0, generator=torch.Generator().manual_seed(1))
 
     before = loss().item()
     for _ in range(25):

@@ -20,7 +20,7 @@ from fewstep.samplers import SAMPLERS, get_sampler, make_sigmas
 from fewstep.samplers.optimize import load_or_optimize, optimize_sigmas
 from fewstep.samplers.spacing import karras
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "sampler"
+CONF = Path(__file__).resolve().parents[1] / "src" / "fewstep" / "conf" / "sampler"
 GRID_KEYS = {"name", "steps", "spacing", "rho", "sigma_min", "sigma_max"}  # read by the caller
 SIGMA_MAX, SIGMA_MIN = 20.0, 0.01
 TABLE = torch.ones(1000)  # karras() only checks steps against the table length

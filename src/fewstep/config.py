@@ -13,6 +13,8 @@ from typing import Any
 from omegaconf import OmegaConf
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
+# Groups that ship inside the package (an installed fewstep finds them without the source tree).
+PACKAGE_CONFIG_DIR = Path(__file__).resolve().parent / "conf"
 # Errors that mean "the input is wrong": shown as one line, not a traceback (FEWSTEP_DEBUG=1 shows it).
 USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
 
@@ -36,12 +38,16 @@ def register_resolvers() -> None:
 
 
 def group_options(group: str, config_dir: Path = CONFIG_DIR) -> list[str]:
-    return sorted(p.stem for p in (config_dir / group).glob("*.yaml"))
+    dirs = (config_dir / group, PACKAGE_CONFIG_DIR / group)
+    return sorted({p.stem for d in dirs for p in d.glob("*.yaml")})
 
 
-def sampler_config(name: str, config_dir: Path = CONFIG_DIR) -> dict[str, Any]:
-    """``conf/sampler/NAME.yaml`` as a dict (the defaults a sampler is used with), or just the name."""
-    path = config_dir / "sampler" / f"{name}.yaml"
+def sampler_config(name: str) -> dict[str, Any]:
+    """The packaged ``sampler/NAME.yaml`` as a dict (the defaults a sampler is used with), or just the name.
+
+    Read from the installed package, never from the source tree's ``conf/``.
+    """
+    path = PACKAGE_CONFIG_DIR / "sampler" / f"{name}.yaml"
     return dict(OmegaConf.to_container(OmegaConf.load(path))) if path.is_file() else {"name": name}
 
 
@@ -54,7 +60,7 @@ def check_choices(argv: Sequence[str], config_dir: Path = CONFIG_DIR) -> str | N
         if "=" not in arg or arg.startswith(("-", "+", "~", "hydra")):
             continue
         key, value = arg.split("=", 1)
-        if "." in key or "/" in key or not (config_dir / key).is_dir():
+        if "." in key or "/" in key or not ((config_dir / key).is_dir() or (PACKAGE_CONFIG_DIR / key).is_dir()):
             continue
         options = group_options(key, config_dir)
         for choice in value.split(","):  # multirun: sampler=ddim,ddpm

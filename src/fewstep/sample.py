@@ -20,6 +20,7 @@ from fewstep.lit import DiffusionModel, load_model
 
 log = logging.getLogger(__name__)
 GRID_MAX = 256  # images shown in samples.png
+GRID_ROW = 16  # images shown per condition (one row each) when several labels / prompts are sampled
 
 
 def pick_device(name: str) -> torch.device:
@@ -70,17 +71,45 @@ def build_scores(cfg: DictConfig, model: DiffusionModel, device: torch.device): 
     )
 
 
+def conditions(cfg: DictConfig, model: DiffusionModel) -> tuple[int, dict[str, Any], int]:
+    """What to draw from ``cfg.y`` / ``cfg.prompt``: the total count, the ``sample`` keyword arguments
+    (labels or prompts, one per sample) and the grid's row length (one row per listed condition)."""
+    n = int(cfg.n)
+    y, prompt = cfg.get("y"), cfg.get("prompt")
+    if y is not None and prompt is not None:
+        raise ValueError("give y= (class labels) or prompt= (text), not both")
+    if y is not None:
+        if not model.hparams.num_classes:
+            raise ValueError(f"y={y} was given but {cfg.ckpt} was trained without class labels; drop y=")
+        if y == "uniform":
+            generator = torch.Generator().manual_seed(int(cfg.seed))
+            return n, {"y": torch.randint(model.hparams.num_classes, (n,), generator=generator)}, 0
+        labels = list(y) if OmegaConf.is_list(y) or isinstance(y, list | tuple) else [y]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
+            raise ValueError(f"y must be a class index, a list of them or 'uniform', got y={y}")
+        k = model.hparams.num_classes
+        if any(not 0 <= v < k for v in labels):
+            raise ValueError(f"y={y} is outside the model's {k} classes; use labels 0..{k - 1}")
+        return n * len(labels), {"y": torch.tensor(labels).repeat_interleave(n)}, n if len(labels) > 1 else 0
+    if prompt is not None:
+        if model.text_encoder is None:
+            raise ValueError(f"prompt= was given but {cfg.ckpt} was trained without text; drop prompt=")
+        prompts = [str(p) for p in prompt] if OmegaConf.is_list(prompt) else [str(prompt)]
+        return n * len(prompts), {"prompt": [p for p in prompts for _ in range(n)]}, n if len(prompts) > 1 else 0
+    return n, {}, 0
+
+
 def sample(cfg: DictConfig) -> dict:
     """Draw ``cfg.n`` samples; write samples.png, samples.npz and summary.json to ``cfg.out_dir``.
 
     Samples are drawn ``cfg.batch_size`` at a time; with ``eval=true`` each batch is scored as it
     comes (the metrics keep features, not images), and ``save_npz=false`` keeps no image at all
-    beyond the grid's. The random stream is the same as drawing all ``n`` at once.
+    beyond the grid's. Sample i depends on (``seed``, i) only, not on the batch size.
     """
-    if cfg.n < 1:
-        raise ValueError(f"n must be >= 1, got {cfg.n}")
-    if cfg.batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    if not isinstance(cfg.n, int) or cfg.n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {cfg.n!r}")
+    if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {cfg.batch_size!r}")
     evaluate = bool(cfg.get("eval", False))
     if evaluate and cfg.n < 2:
         raise ValueError(f"eval=true needs n >= 2 samples (FID fits a covariance), got n={cfg.n}")
@@ -89,31 +118,26 @@ def sample(cfg: DictConfig) -> dict:
     model = load_model(cfg.ckpt, map_location=device)
     sampler_cfg = OmegaConf.to_container(cfg.sampler, resolve=True)
     spec = SamplerSpec.from_config(sampler_cfg)
-    if (
-        model.hparams.schedule
-        and spec.steps > model.schedule.num_timesteps
-        and spec.spacing in ("trailing", "quadratic")
-    ):
-        raise ValueError(f"sampler.steps={spec.steps} exceeds the model's {model.schedule.num_timesteps} timesteps")
+    guidance_cfg = OmegaConf.to_container(cfg.guidance, resolve=True) if cfg.get("guidance") else None
+    model.guidance(guidance_cfg)  # bad guidance input fails before anything is computed
+    total, condition, row = conditions(cfg, model)
     scores = build_scores(cfg, model, device) if evaluate else None
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(int(cfg.seed))
     kept: list[torch.Tensor] = []  # uint8 samples for the .npz
-    shown: list[torch.Tensor] = []  # the first GRID_MAX samples for the grid
-    seconds, eval_seconds, nfe, num_shown = 0.0, 0.0, 0, 0
-    with tqdm(total=cfg.n, desc=f"{spec.name} x{spec.steps}", unit="img") as bar:
-        for begin in range(0, cfg.n, cfg.batch_size):
-            count = min(cfg.batch_size, cfg.n - begin)
-            result = model.sample(
-                count,
-                sampler_cfg,
-                generator=generator,
-                batch_size=count,
-                use_ema=cfg.ema,
-                return_result=True,
-                progress=bar.update,
-            )
+    shown: list[torch.Tensor] = []  # the first GRID_MAX samples (or row length per condition) for the grid
+    seconds, eval_seconds, nfe = 0.0, 0.0, 0.0
+    with tqdm(total=total, desc=f"{spec.name} x{spec.steps}", unit="img") as bar:
+        for result in model.sample_batches(
+            total,
+            sampler_cfg,
+            seed=int(cfg.seed),
+            batch_size=int(cfg.batch_size),
+            guidance=guidance_cfg,
+            use_ema=cfg.ema,
+            **condition,
+        ):
+            bar.update(len(result.images))
             seconds, nfe = seconds + result.seconds, max(nfe, result.nfe)
             if scores is not None:
                 start = time.perf_counter()
@@ -122,30 +146,39 @@ def sample(cfg: DictConfig) -> dict:
             images = result.images.float().cpu()
             if save_npz:
                 kept.append(((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
-            if num_shown < GRID_MAX:
-                shown.append(images[: GRID_MAX - num_shown])
-                num_shown += len(shown[-1])
+            keep = [j for j, i in enumerate(result.indices) if _shown(i, row)]
+            shown.append(images[keep])
     if save_npz:
-        np.savez_compressed(out_dir / "samples.npz", images=torch.cat(kept).permute(0, 2, 3, 1).numpy())
+        arrays = {"images": torch.cat(kept).permute(0, 2, 3, 1).numpy()}
+        if "y" in condition:
+            arrays["y"] = condition["y"].numpy()
+        if "prompt" in condition:
+            arrays["prompt"] = np.array(condition["prompt"])
+        np.savez_compressed(out_dir / "samples.npz", **arrays)
     grid = torch.cat(shown)
-    save_image(
-        make_grid((grid + 1) / 2, nrow=int(math.ceil(math.sqrt(len(grid)))), pad_value=1.0), out_dir / "samples.png"
-    )
+    nrow = min(row, GRID_ROW) if row else int(math.ceil(math.sqrt(len(grid))))
+    save_image(make_grid((grid + 1) / 2, nrow=nrow, pad_value=1.0), out_dir / "samples.png")
     summary: dict[str, Any] = {
         "ckpt": str(cfg.ckpt),
         "sampler": spec.name,
         "steps": spec.steps,
         "spacing": spec.spacing,
         "options": spec.options,
-        "nfe": nfe,
-        "n": cfg.n,
+        "guidance": guidance_cfg or {"name": "none"},
+        "nfe": nfe,  # network evaluations per image: a batched CFG step counts 2
+        "n": total,
         "seconds": seconds,
-        "seconds_per_image": seconds / cfg.n,
-        "images_per_second": cfg.n / seconds if seconds > 0 else math.inf,
+        "seconds_per_image": seconds / total,
+        "images_per_second": total / seconds if seconds > 0 else math.inf,
         "device": str(device),
         "ema": bool(cfg.ema and model.ema is not None),
         "seed": int(cfg.seed),
     }
+    if "y" in condition:
+        summary["y"] = OmegaConf.to_container(cfg, resolve=True)["y"]
+    if "prompt" in condition:
+        summary["prompts"] = list(dict.fromkeys(condition["prompt"]))
+        summary["samples_per_prompt"] = int(cfg.n)
     if scores is not None:
         start = time.perf_counter()
         values = scores.compute()
@@ -160,8 +193,8 @@ def sample(cfg: DictConfig) -> dict:
         summary["eval_seconds"] = eval_seconds
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     log.info(
-        "%d samples in %.2fs (%.1f img/s, NFE %d) -> %s",
-        cfg.n,
+        "%d samples in %.2fs (%.1f img/s, NFE %g) -> %s",
+        total,
         seconds,
         summary["images_per_second"],
         nfe,
@@ -177,6 +210,11 @@ def sample(cfg: DictConfig) -> dict:
             eval_seconds,
         )
     return summary
+
+
+def _shown(index: int, row: int) -> bool:
+    """Whether sample ``index`` is in the grid: the first GRID_ROW of each condition's row, or the first GRID_MAX."""
+    return index % row < GRID_ROW if row else index < GRID_MAX
 
 
 def _fmt(value: float | None) -> str:

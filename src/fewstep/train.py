@@ -2,29 +2,51 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any
 
 import lightning as L
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from fewstep.lit import DiffusionModel, ImageDataModule, load_checkpoint
 from fewstep.lit.module import check_architecture
+from fewstep.nn.text import WordTokenizer
 
 log = logging.getLogger(__name__)
 
 
 def build_model(cfg: DictConfig, datamodule: ImageDataModule) -> DiffusionModel:
-    """The LightningModule from the model/, schedule/ and sampler/ groups and the module options."""
+    """The LightningModule from the model/, schedule/, sampler/, guidance/ and text_encoder/ groups and
+    the module options. A text encoder that builds its vocabulary (``vocab``) gets it from the
+    training captions."""
     schedule = OmegaConf.to_container(cfg.schedule, resolve=True)
     module = OmegaConf.to_container(cfg.module, resolve=True)
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    if "net" not in model:
+        raise ValueError("the model config needs a net: node with a _target_ (see conf/model/tiny.yaml)")
+    text_encoder = OmegaConf.to_container(cfg.text_encoder, resolve=True) if cfg.get("text_encoder") else None
+    if text_encoder is not None:
+        if not getattr(datamodule, "captions", False):
+            raise ValueError(
+                f"text_encoder={text_encoder.get('_target_', '?').rsplit('.', 1)[-1]} needs captioned data: "
+                "use data=mnist5k_captions or data=folder data.captions=true (a metadata.jsonl with texts)"
+            )
+        if "vocab" in inspect.signature(get_class(text_encoder["_target_"])).parameters and not text_encoder.get(
+            "vocab"
+        ):
+            datamodule.setup("fit")
+            text_encoder["vocab"] = WordTokenizer.build(datamodule.train_captions()).vocab
+    guidance = OmegaConf.to_container(cfg.guidance, resolve=True) if cfg.get("guidance") else None
     return DiffusionModel(
         image_size=datamodule.image_size,
         channels=datamodule.channels,
-        unet=OmegaConf.to_container(cfg.model, resolve=True),
+        net=model["net"],
         sampler=OmegaConf.to_container(cfg.sampler, resolve=True),
+        guidance=guidance,
+        text_encoder=text_encoder,
         data={k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k != "_target_"},
         **schedule,
         **module,

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 
 from fewstep.lit.module import DiffusionModel
@@ -38,6 +37,7 @@ class FID(L.Callback):
         num_samples: generated images per evaluation, over all ranks.
         batch_size: images sampled and scored at a time (per rank); no more are held.
         sampler: a sampler config (``conf/sampler``); ``None``: the model's own (``sampler=`` of the run).
+        guidance: a ``conf/guidance`` config for conditional models; ``None``: the model's own.
         seed: the same noise every evaluation, so successive scores compare the weights, not the draws.
         features: the ``features`` config (``conf/features``: auto, classifier, inception).
         cache_dir: where the classifier and the reference statistics are cached (``paths.cache_dir``).
@@ -53,6 +53,7 @@ class FID(L.Callback):
         num_samples: int = 1000,
         batch_size: int = 250,
         sampler: Mapping[str, Any] | None = None,
+        guidance: Mapping[str, Any] | None = None,
         seed: int = 0,
         features: Mapping[str, Any] | None = None,
         cache_dir: str = "logs/cache",
@@ -70,6 +71,7 @@ class FID(L.Callback):
         self.every_n_steps, self.at_end = every_n_steps, at_end
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
         self.sampler = dict(sampler) if sampler else None
+        self.guidance = dict(guidance) if guidance else None
         self.features = dict(features or {"name": "auto"})
         self.cache_dir, self.reference_split = cache_dir, reference_split
         self.metrics = ("fid",) + (("kid",) if kid else ()) + (("is",) if inception_score else ())
@@ -138,6 +140,20 @@ class FID(L.Callback):
             self.evaluate(trainer, pl_module)
 
     # ------------------------------------------------------------------------------ evaluation
+    def conditions(self, trainer: L.Trainer, pl_module: DiffusionModel) -> dict[str, Any]:
+        """One condition per sample, as the data has them: labels drawn with the training set's class
+        frequencies, prompts drawn from its captions (the same on every rank, from ``seed``)."""
+        generator = torch.Generator().manual_seed(self.seed)
+        condition: dict[str, Any] = {}
+        if pl_module.hparams.num_classes:
+            frequencies = trainer.datamodule.class_frequencies().double()
+            condition["y"] = torch.multinomial(frequencies, self.num_samples, replacement=True, generator=generator)
+        if "text" in pl_module.conditions:
+            captions = trainer.datamodule.train_captions()
+            picks = torch.randint(len(captions), (self.num_samples,), generator=generator).tolist()
+            condition["prompt"] = [captions[i] for i in picks]
+        return condition
+
     def evaluate(self, trainer: L.Trainer, pl_module: DiffusionModel) -> dict[str, Any]:
         """Sample this rank's share batch by batch, score it, sync; log on every logger (rank 0 writes)."""
         self._last_step = trainer.global_step
@@ -146,13 +162,24 @@ class FID(L.Callback):
         scores = self.scores
         scores.reset()
         rank, world = trainer.global_rank, trainer.world_size
+        # Contiguous shares of the sample indices: sample i is the same image whatever the rank count.
+        first = rank * (self.num_samples // world) + min(rank, self.num_samples % world)
         local = self.num_samples // world + int(rank < self.num_samples % world)
-        seed = int(np.random.SeedSequence([self.seed, rank]).generate_state(1)[0])
-        generator = torch.Generator().manual_seed(seed)
-        start, seconds, nfe = time.perf_counter(), 0.0, 0
+        condition = self.conditions(trainer, pl_module)
+        start, seconds, nfe = time.perf_counter(), 0.0, 0.0
         for begin in range(0, local, self.batch_size):
             n = min(self.batch_size, local - begin)
-            result = pl_module.sample(n, self.sampler, generator=generator, batch_size=n, return_result=True)
+            rows = slice(first + begin, first + begin + n)
+            result = pl_module.sample(
+                n,
+                self.sampler,
+                seed=self.seed,
+                first_index=first + begin,
+                batch_size=n,
+                guidance=self.guidance,
+                return_result=True,
+                **{k: v[rows] for k, v in condition.items()},
+            )
             seconds, nfe = seconds + result.seconds, max(nfe, result.nfe)
             scores.update(result.images)
         values = scores.compute()  # collectives: every rank gets here

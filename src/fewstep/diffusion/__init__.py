@@ -1,16 +1,24 @@
-"""Schedules, the denoiser wrapper and the training loss."""
+"""Schedules, the parameterisation (training loss + denoiser), guidance and the sampling loop."""
 
-from fewstep.diffusion.denoiser import PREDICTIONS, Denoiser
-from fewstep.diffusion.losses import diffusion_loss, training_target
+from fewstep.diffusion.guidance import ClassifierFreeGuidance
+from fewstep.diffusion.parameterisation import (
+    LOSS_WEIGHTINGS,
+    PREDICTIONS,
+    Denoiser,
+    Parameterisation,
+    training_target,
+)
 from fewstep.diffusion.schedules import CosineSchedule, LinearSchedule, Schedule, make_schedule
 
 __all__ = [
+    "LOSS_WEIGHTINGS",
     "PREDICTIONS",
+    "ClassifierFreeGuidance",
     "CosineSchedule",
     "Denoiser",
     "LinearSchedule",
+    "Parameterisation",
     "Schedule",
-    "diffusion_loss",
     "make_schedule",
     "training_target",
 ]

@@ -8,18 +8,21 @@ function as an option. ``spacing: optimized`` tunes the grid to the model (see
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from fewstep.diffusion.guidance import ClassifierFreeGuidance
 from fewstep.diffusion.schedules import Schedule
 from fewstep.diffusion.thresholding import DynamicThreshold
-from fewstep.samplers import SPACINGS, get_sampler
+from fewstep.samplers import SPACINGS, SampleGenerators, get_sampler
 from fewstep.samplers.optimize import load_or_optimize, optimize_sigmas
 
 SPACING_OPTIONS = ("rho", "sigma_min", "sigma_max")
@@ -42,8 +45,10 @@ class SamplerSpec:
         """Split a flat sampler config into the grid's and the sampler's options."""
         merged = {**dict(config or {}), **{k: v for k, v in overrides.items() if v is not None}}
         name = merged.pop("name", "ddim")
-        get_sampler(name)  # fail early, with the list of valid names
+        sampler = get_sampler(name)  # fail early, with the list of valid names
         steps = merged.pop("steps", 50)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"sampler.steps must be an integer >= 1, got {steps!r}")
         spacing = merged.pop("spacing", "trailing")
         if spacing not in SPACINGS and spacing != OPTIMIZED:
             valid = ", ".join([*sorted(SPACINGS), OPTIMIZED])
@@ -52,6 +57,13 @@ class SamplerSpec:
         for key in SPACING_OPTIONS:
             merged.pop(key, None)
         threshold = merged.pop("dynamic_threshold", None)
+        accepted = sampler_options(sampler)
+        unknown = sorted(set(merged) - set(accepted))
+        if unknown:
+            raise ValueError(
+                f"sampler {name!r} has no option {', '.join(unknown)}; its options are: "
+                f"{', '.join(['steps', 'spacing', *SPACING_OPTIONS, 'dynamic_threshold', *accepted])}"
+            )
         return cls(name, steps, spacing, spacing_options, merged, threshold)
 
     def sigmas(self, schedule: Schedule) -> Tensor:
@@ -63,6 +75,12 @@ class SamplerSpec:
     def wrap(self, denoiser: Callable[..., Tensor]) -> Callable[..., Tensor]:
         """The denoiser with this config's dynamic thresholding (Imagen), if any."""
         return DynamicThreshold(denoiser, self.dynamic_threshold) if self.dynamic_threshold else denoiser
+
+
+def sampler_options(sampler: Callable[..., Tensor]) -> list[str]:
+    """The keyword options a sampler function takes beyond the contract's own arguments."""
+    contract = {"denoiser", "x", "sigmas", "generator", "callback", "cond"}
+    return [p for p in inspect.signature(sampler).parameters if p not in contract]
 
 
 def optimized_sigmas(
@@ -107,29 +125,61 @@ def optimized_sigmas(
 
 
 class CountingDenoiser:
-    """Counts network evaluations (one per call, whatever the batch)."""
+    """Counts network evaluations per sample: one per call on the sampled batch, two for a call on a
+    doubled batch (classifier-free guidance's batched conditional + unconditional halves)."""
 
-    def __init__(self, denoiser: Callable[..., Tensor]) -> None:
-        self.denoiser, self.calls = denoiser, 0
+    def __init__(self, denoiser: Callable[..., Tensor], batch: int | None = None) -> None:
+        self.denoiser, self.batch, self.rows = denoiser, batch, 0
+
+    @property
+    def calls(self) -> float:
+        return self.rows / self.batch if self.batch else self.rows
+
+    @calls.setter
+    def calls(self, value: int) -> None:  # reset: ``counter.calls = 0``
+        self.rows = value
 
     def __call__(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:
-        self.calls += 1
+        self.rows += x.shape[0] if self.batch else 1
         return self.denoiser(x, sigma, **cond)
+
+
+@dataclass
+class Guidance:
+    """Classifier-free guidance settings (``conf/guidance``): ``scale`` w, the null condition and the
+    guidance interval. ``scale = 1`` (the ``none`` option) samples the conditional model as it is."""
+
+    scale: float = 1.0
+    uncond: Mapping | None = None
+    sigma_min: float | None = None
+    sigma_max: float | None = None
+
+    def wrap(self, denoiser: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        if self.scale == 1:
+            return denoiser
+        if not self.uncond:
+            raise ValueError("classifier-free guidance needs the model's null condition (train with a condition)")
+        return ClassifierFreeGuidance(denoiser, self.scale, self.uncond, self.sigma_min, self.sigma_max)
 
 
 @dataclass
 class SampleResult:
     images: Tensor
-    nfe: int
+    nfe: float
     seconds: float
+    indices: range = field(default_factory=lambda: range(0))
 
     @property
     def images_per_second(self) -> float:
         return len(self.images) / self.seconds if self.seconds > 0 else math.inf
 
 
-@torch.no_grad()
-def generate(
+def sample_seeds(seed: int, indices: Sequence[int] | range) -> list[int]:
+    """The seed of each sample: a function of (``seed``, the sample's index) only (numpy's SeedSequence)."""
+    return [int(np.random.SeedSequence([int(seed), int(i)]).generate_state(1, np.uint64)[0] >> 1) for i in indices]
+
+
+def iter_generate(
     denoiser: Callable[..., Tensor],
     schedule: Schedule,
     spec: SamplerSpec,
@@ -137,18 +187,24 @@ def generate(
     num_samples: int,
     *,
     batch_size: int = 256,
-    generator: torch.Generator | None = None,
+    seed: int = 0,
+    first_index: int = 0,
     device: torch.device | str = "cpu",
     cond: Mapping | None = None,
-    progress: Callable[[int], None] | None = None,
-    to_cpu: bool = True,
+    guidance: Guidance | None = None,
     sigmas: Tensor | None = None,
-) -> SampleResult:
-    """Draw ``num_samples`` images of ``shape`` (without batch) in batches of ``batch_size``.
+    to_cpu: bool = True,
+) -> Iterator[SampleResult]:
+    """The one sampling loop (``sample.py``, the callbacks and ``DiffusionModel.sample`` use it).
 
-    ``nfe`` is the number of network evaluations one sample needed; ``seconds`` the wall time.
-    ``cond`` values with a leading batch dimension of ``num_samples`` are split with the batches.
-    ``sigmas`` overrides the grid of ``spec`` (e.g. an optimized one).
+    Yields the samples ``first_index .. first_index + num_samples - 1`` in batches of at most
+    ``batch_size``. Sample i starts from, and draws all its noise from, a generator seeded by
+    (``seed``, i): the same seed gives the same image whatever the batch size or the number of DDP
+    ranks that share the indices (EDM's per-sample generators).
+
+    ``cond`` values with a leading dimension of ``num_samples`` are split with the batches, others
+    are passed as they are. ``nfe`` is the network evaluations one sample needed (CFG's batched
+    halves count twice); ``seconds`` the wall time of the batch. ``sigmas`` overrides the grid.
     """
     if num_samples < 1:
         raise ValueError(f"number of samples must be >= 1, got {num_samples}")
@@ -156,34 +212,37 @@ def generate(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     sampler = get_sampler(spec.name)
     sigmas = spec.sigmas(schedule) if sigmas is None else sigmas
-    counter = CountingDenoiser(spec.wrap(denoiser))
-    chunks, nfe = [], 0
-    start = time.perf_counter()
-    for begin in range(0, num_samples, batch_size):
-        n = min(batch_size, num_samples - begin)
-        noise = torch.randn((n, *shape), generator=generator, device=generator.device if generator else "cpu")
-        x = noise.to(device) * sigmas[0].item()
-        batch_cond = {
-            k: (v[begin : begin + n] if torch.is_tensor(v) and v.ndim > 0 else v) for k, v in (cond or {}).items()
-        }
-        counter.calls = 0
-        out = sampler(
-            counter, x, sigmas, generator=_device_generator(generator, device), cond=batch_cond, **spec.options
-        )
-        nfe = max(nfe, counter.calls)
-        chunks.append(out.cpu() if to_cpu else out)
-        if progress is not None:
-            progress(n)
-    seconds = time.perf_counter() - start
-    return SampleResult(torch.cat(chunks), nfe, seconds)
-
-
-def _device_generator(generator: torch.Generator | None, device: torch.device | str) -> torch.Generator | None:
-    """Samplers draw their noise on the device; derive a device generator from the CPU one."""
-    if generator is None:
-        return None
     device = torch.device(device)
-    if generator.device.type == device.type:
-        return generator
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    return torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        for begin in range(0, num_samples, batch_size):
+            n = min(batch_size, num_samples - begin)
+            indices = range(first_index + begin, first_index + begin + n)
+            start = time.perf_counter()
+            generators = SampleGenerators(sample_seeds(seed, indices), device)
+            x = generators.randn((n, *shape)) * sigmas[0].item()
+            batch_cond = {k: _rows(v, begin, n, num_samples) for k, v in (cond or {}).items()}
+            counter = CountingDenoiser(denoiser, batch=n)
+            guided = (guidance or Guidance()).wrap(counter)
+            out = sampler(spec.wrap(guided), x, sigmas, generator=generators, cond=batch_cond, **spec.options)
+            out = out.cpu() if to_cpu else out
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            yield SampleResult(out, counter.calls, time.perf_counter() - start, indices)
+
+
+def generate(*args, progress: Callable[[int], None] | None = None, **kwargs) -> SampleResult:
+    """All of :func:`iter_generate`'s batches as one result (same arguments)."""
+    chunks, nfe, seconds = [], 0.0, 0.0
+    for result in iter_generate(*args, **kwargs):
+        chunks.append(result.images)
+        nfe, seconds = max(nfe, result.nfe), seconds + result.seconds
+        if progress is not None:
+            progress(len(result.images))
+    first = kwargs.get("first_index", 0)
+    return SampleResult(torch.cat(chunks), nfe, seconds, range(first, first + sum(len(c) for c in chunks)))
+
+
+def _rows(value: object, begin: int, n: int, total: int) -> object:
+    if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == total:
+        return value[begin : begin + n]
+    return value

@@ -1,10 +1,11 @@
-"""DiffusionModel: the LightningModule that trains a U-Net denoiser and samples from it."""
+"""DiffusionModel: the LightningModule that trains a denoising network (with its conditions) and samples it."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +16,18 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
 from fewstep.config import sampler_config
-from fewstep.diffusion import PREDICTIONS, Denoiser, diffusion_loss, make_schedule
-from fewstep.diffusion.sampling import OPTIMIZED, SampleResult, SamplerSpec, generate, optimized_sigmas
-from fewstep.nn import UNet
+from fewstep.diffusion import Denoiser, Parameterisation, make_schedule
+from fewstep.diffusion.sampling import (
+    OPTIMIZED,
+    Guidance,
+    SampleResult,
+    SamplerSpec,
+    iter_generate,
+    optimized_sigmas,
+)
 
-DEFAULT_UNET = {
+DEFAULT_NET = {
+    "_target_": "fewstep.nn.UNet",
     "base_channels": 32,
     "channel_mult": [1, 2, 2],
     "num_res_blocks": 1,
@@ -27,8 +35,9 @@ DEFAULT_UNET = {
     "dropout": 0.1,
 }
 DEFAULT_SAMPLER = {"name": "ddim", "steps": 50, "spacing": "trailing", "eta": 0.0}
+NO_GUIDANCE = {"name": "none", "scale": 1.0, "sigma_min": None, "sigma_max": None}
 # What must agree between a checkpoint and the run that loads it (the rest may change on resume).
-ARCHITECTURE_KEYS = ("image_size", "channels", "unet", "num_classes", "num_timesteps", "prediction")
+ARCHITECTURE_KEYS = ("image_size", "channels", "net", "num_classes", "text_encoder", "num_timesteps", "prediction")
 
 
 def ema_with_warmup(decay: float) -> Callable[[list[Tensor], list[Tensor], Tensor | int], None]:
@@ -47,8 +56,32 @@ def ema_with_warmup(decay: float) -> Callable[[list[Tensor], list[Tensor], Tenso
     return update
 
 
+def build_module(config: Mapping[str, Any], what: str, **fixed: Any) -> nn.Module:
+    """Instantiate the ``nn.Module`` that ``config["_target_"]`` names with the config's keys and ``fixed``.
+
+    Unlike a bare ``hydra.utils.instantiate`` this refuses any target that is not an ``nn.Module``
+    class (a checkpoint's hyper-parameters name it, and loading a checkpoint must never call
+    arbitrary functions), and reports bad options in one line.
+    """
+    options = dict(config)
+    target = options.pop("_target_", None)
+    if not isinstance(target, str):
+        raise ValueError(f"the {what} config needs a _target_ naming an nn.Module class (e.g. fewstep.nn.UNet)")
+    module_name, _, attribute = target.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, ValueError, AttributeError) as err:
+        raise ValueError(f"{what} _target_={target!r} cannot be imported ({err})") from None
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"{what} _target_={target!r} is not an nn.Module class")
+    try:
+        return cls(**options, **fixed)
+    except TypeError as err:
+        raise ValueError(f"bad options for {what} {target}: {err}") from None
+
+
 class DiffusionModel(L.LightningModule):
-    """A DDPM-style diffusion model: U-Net + noise schedule + MSE loss, with an EMA of the weights.
+    """A diffusion model made of swappable parts: network + schedule + parameterisation (+ text encoder).
 
     The seed API works as written::
 
@@ -56,15 +89,23 @@ class DiffusionModel(L.LightningModule):
         samples = model.sample(16)   # [16, C, 64, 64] in [-1, 1]
 
     Args:
-        image_size, channels: the image shape the U-Net is built for.
+        image_size, channels: the image shape the network is built for.
         schedule: ``linear`` (beta_start, beta_end) or ``cosine`` (cosine_s); ``num_timesteps`` T.
-        unet: keyword arguments of :class:`fewstep.nn.UNet` (the ``model`` config group).
-        prediction: the training target, ``eps``, ``x0`` or ``v``.
+        net: the network config (the ``model`` group's ``net`` node): ``_target_`` names any
+            ``nn.Module`` with the signature ``net(x, t, *, y=None, context=None, context_mask=None,
+            pooled=None)`` and the keyword arguments ``image_size, in_channels, num_classes, context_dim``.
+        unet: U-Net options (older checkpoints and the seed API): the same as ``net`` with fewstep's UNet.
+        prediction, loss_weighting, min_snr_gamma: the :class:`Parameterisation` (eps / x0 / v, min-SNR).
         lr, weight_decay, adam_betas, warmup_steps: AdamW with a linear learning-rate warm-up.
         ema_decay: decay of the weight EMA (``None`` or 0 disables it).
         sampler: the default sampler config used by :meth:`sample` (``conf/sampler``).
+        guidance: the default guidance config (``conf/guidance``) of :meth:`sample` and the callbacks.
         clip_x0: clamp the denoised estimate to ``[-clip_x0, clip_x0]`` while sampling.
-        num_classes: train a class-conditional model (labels ``y``) with ``label_dropout`` for CFG.
+        num_classes: train a class-conditional model (labels ``y``).
+        text_encoder: a text encoder config (``conf/text_encoder``): train a text-conditional model
+            on the batches' captions.
+        cond_dropout: probability of replacing a condition by the null one (label ``num_classes``,
+            the empty prompt) in training, for classifier-free guidance (Ho & Salimans 2022).
         data: the data config the model was trained on (``conf/data``), kept for evaluation.
     """
 
@@ -77,24 +118,36 @@ class DiffusionModel(L.LightningModule):
         beta_end: float = 0.02,
         num_timesteps: int = 1000,
         cosine_s: float = 0.008,
+        net: Mapping[str, Any] | None = None,
         unet: Mapping[str, Any] | None = None,
         prediction: str = "eps",
+        loss_weighting: str = "uniform",
+        min_snr_gamma: float = 5.0,
         lr: float = 2e-4,
         weight_decay: float = 0.0,
         adam_betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 500,
         ema_decay: float | None = 0.999,
         sampler: Mapping[str, Any] | None = None,
+        guidance: Mapping[str, Any] | None = None,
         clip_x0: float | None = 1.0,
         num_classes: int | None = None,
-        label_dropout: float = 0.1,
+        text_encoder: Mapping[str, Any] | None = None,
+        cond_dropout: float = 0.1,
+        label_dropout: float | None = None,
         data: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if prediction not in PREDICTIONS:
-            raise ValueError(f"unknown module.prediction={prediction!r}; choose one of: {', '.join(PREDICTIONS)}")
-        unet = {**DEFAULT_UNET, **dict(unet or {})}
+        if net is not None and unet is not None:
+            raise ValueError("give the network as net (a _target_ config) or unet (U-Net options), not both")
+        net = _plain(dict(net)) if net is not None else {**DEFAULT_NET, **_plain(dict(unet or {}))}
         sampler = dict(sampler) if sampler and "name" in sampler else {**DEFAULT_SAMPLER, **dict(sampler or {})}
+        guidance = {**NO_GUIDANCE, **dict(guidance or {})}
+        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):
+            raise ValueError(f"module.num_classes must be an integer >= 2 or null, got {num_classes!r}")
+        cond_dropout = cond_dropout if label_dropout is None else label_dropout  # older checkpoints' name
+        if not 0 <= cond_dropout < 1:
+            raise ValueError(f"module.cond_dropout must be in [0, 1), got {cond_dropout}")
         self.save_hyperparameters(
             {
                 "image_size": image_size,
@@ -104,17 +157,21 @@ class DiffusionModel(L.LightningModule):
                 "beta_end": beta_end,
                 "num_timesteps": num_timesteps,
                 "cosine_s": cosine_s,
-                "unet": _plain(unet),
+                "net": net,
                 "prediction": prediction,
+                "loss_weighting": loss_weighting,
+                "min_snr_gamma": min_snr_gamma,
                 "lr": lr,
                 "weight_decay": weight_decay,
                 "adam_betas": list(adam_betas),
                 "warmup_steps": warmup_steps,
                 "ema_decay": ema_decay,
                 "sampler": _plain(sampler),
+                "guidance": _plain(guidance),
                 "clip_x0": clip_x0,
                 "num_classes": num_classes,
-                "label_dropout": label_dropout,
+                "text_encoder": _plain(dict(text_encoder)) if text_encoder else None,
+                "cond_dropout": cond_dropout,
                 "data": _plain(dict(data)) if data else None,
             }
         )
@@ -126,31 +183,121 @@ class DiffusionModel(L.LightningModule):
             self.schedule = make_schedule("cosine", num_timesteps=num_timesteps, s=cosine_s)
         else:
             self.schedule = make_schedule(schedule)  # raises with the list of valid names
+        try:
+            self.parameterisation = Parameterisation(self.schedule, prediction, loss_weighting, min_snr_gamma)
+        except ValueError as err:
+            raise ValueError(f"module.{err}") from None
         SamplerSpec.from_config(sampler)  # validate the sampler config now, not after training
-        self.net = UNet(image_size=image_size, in_channels=channels, num_classes=num_classes, **unet)
+        self.text_encoder: nn.Module | None = build_module(text_encoder, "text_encoder") if text_encoder else None
+        context_dim = int(self.text_encoder.dim) if self.text_encoder is not None else None
+        self.net = build_module(
+            net,
+            "model.net",
+            image_size=image_size,
+            in_channels=channels,
+            num_classes=num_classes,
+            context_dim=context_dim,
+        )
         self.ema: AveragedModel | None = None
+        self.ema_text: AveragedModel | None = None
         if ema_decay:
             if not 0 < ema_decay < 1:
                 raise ValueError(f"module.ema_decay must be in (0, 1) or null, got {ema_decay}")
             self.ema = AveragedModel(self.net, multi_avg_fn=ema_with_warmup(ema_decay), use_buffers=True)
             self.ema.requires_grad_(False)
+            if self.trains_text_encoder:
+                self.ema_text = AveragedModel(
+                    self.text_encoder, multi_avg_fn=ema_with_warmup(ema_decay), use_buffers=True
+                )
+                self.ema_text.requires_grad_(False)
+        # A frozen encoder (CLIP) is loaded from its own files, not stored in every checkpoint.
+        self.strict_loading = self.text_encoder is None or self.trains_text_encoder
         # Set by load_model: where optimized grids of this checkpoint are cached, and its identity.
         self.sigmas_cache: Path | None = None
         self.checkpoint_id: str | None = None
         self._optimized: dict[str, Tensor] = {}
 
-    # ----------------------------------------------------------------------------- training
-    def _labels(self, batch: Any) -> dict:
-        if not self.hparams.num_classes:
-            return {}
-        y = batch[1].long()
-        # Classifier-free guidance training: drop labels to the null token (Ho & Salimans 2022).
-        drop = torch.rand(y.shape, device=y.device) < self.hparams.label_dropout
-        return {"y": torch.where(drop, torch.full_like(y, self.hparams.num_classes), y)}
+    @property
+    def trains_text_encoder(self) -> bool:
+        return self.text_encoder is not None and any(p.requires_grad for p in self.text_encoder.parameters())
 
+    @property
+    def conditions(self) -> tuple[str, ...]:
+        """The conditions this model was trained with: ``label`` and/or ``text``."""
+        return (("label",) if self.hparams.num_classes else ()) + (("text",) if self.text_encoder is not None else ())
+
+    # --------------------------------------------------------------------------- conditions
+    def condition_from_batch(self, batch: Any, dropout: float = 0.0, use_ema: bool = False) -> dict[str, Tensor]:
+        """The ``cond`` mapping of a batch ``(images, labels[, captions])`` for the network.
+
+        With ``dropout`` each condition is replaced by the null one with that probability: the
+        training of classifier-free guidance (Ho & Salimans 2022, Algorithm 1).
+        """
+        cond: dict[str, Tensor] = {}
+        if self.hparams.num_classes:
+            y = batch[1].long()
+            if dropout:
+                drop = torch.rand(y.shape, device=y.device) < dropout
+                y = torch.where(drop, torch.full_like(y, self.hparams.num_classes), y)
+            cond["y"] = y
+        if self.text_encoder is not None:
+            if len(batch) < 3:
+                raise ValueError("a text-conditional model needs captioned data (e.g. data=mnist5k_captions)")
+            prompts = list(batch[2])
+            if dropout:
+                drop = torch.rand(len(prompts)).tolist()
+                prompts = ["" if d < dropout else p for d, p in zip(drop, prompts, strict=True)]
+            cond.update(self.encode_text(prompts, use_ema))
+        return cond
+
+    def encode_text(self, prompts: list[str], use_ema: bool = True) -> dict[str, Tensor]:
+        encoder = self.ema_text.module if use_ema and self.ema_text is not None else self.text_encoder
+        return dict(encoder(list(prompts)))
+
+    def condition(
+        self,
+        num_samples: int,
+        y: Tensor | int | list[int] | None = None,
+        prompt: str | list[str] | None = None,
+        use_ema: bool = True,
+    ) -> dict[str, Tensor]:
+        """The ``cond`` of ``num_samples`` samples: labels ``y`` and/or prompts (one, or one per sample).
+
+        A condition the model was trained with but not given is the null one (unconditional).
+        """
+        if y is not None and not self.hparams.num_classes:
+            raise ValueError("y= was given but this model was trained without class labels (module.num_classes)")
+        if prompt is not None and self.text_encoder is None:
+            raise ValueError("prompt= was given but this model was trained without text (text_encoder=...)")
+        cond: dict[str, Tensor] = {}
+        if self.hparams.num_classes:
+            k = self.hparams.num_classes
+            labels = torch.as_tensor(k if y is None else y, dtype=torch.long).reshape(-1)
+            if len(labels) == 1:
+                labels = labels.expand(num_samples)
+            if len(labels) != num_samples:
+                raise ValueError(f"got {len(labels)} labels for {num_samples} samples; give one or one per sample")
+            if y is not None and bool(((labels < 0) | (labels >= k)).any()):
+                bad = sorted({int(v) for v in labels if not 0 <= v < k})
+                raise ValueError(f"label(s) {bad} outside the model's {k} classes; use y in 0..{k - 1}")
+            cond["y"] = labels.to(self.device)
+        if self.text_encoder is not None:
+            prompts = [prompt or ""] if prompt is None or isinstance(prompt, str) else list(prompt)
+            if len(prompts) not in (1, num_samples):
+                raise ValueError(f"got {len(prompts)} prompts for {num_samples} samples; give one or one per sample")
+            encoded = self.encode_text(prompts, use_ema)
+            cond.update({k: v.expand(num_samples, *v.shape[1:]) for k, v in encoded.items()})
+        return cond
+
+    def null_condition(self, use_ema: bool = True) -> dict[str, Tensor]:
+        """The unconditional ``cond`` (batch of 1: the null label, the empty prompt) for guidance."""
+        return self.condition(1, use_ema=use_ema) if self.conditions else {}
+
+    # ----------------------------------------------------------------------------- training
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x0 = batch[0]
-        loss = diffusion_loss(self.net, self.schedule, x0, self.hparams.prediction, **self._labels(batch))
+        cond = self.condition_from_batch(batch, dropout=self.hparams.cond_dropout)
+        loss = self.parameterisation.loss(self.net, x0, cond)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"the training loss became {loss.item()} at step {self.global_step}: lower module.lr "
@@ -164,19 +311,20 @@ class DiffusionModel(L.LightningModule):
         # Right after the weights change, before any callback (checkpoint, sample grid) looks at them.
         if self.ema is not None:
             self.ema.update_parameters(self.net)
+        if self.ema_text is not None:
+            self.ema_text.update_parameters(self.text_encoder)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         # A fixed generator makes the validation loss comparable across epochs.
         generator = torch.Generator(self.device).manual_seed(batch_idx)
-        net = self.sampling_net()
-        loss = diffusion_loss(net, self.schedule, batch[0], self.hparams.prediction, generator=generator)
+        cond = self.condition_from_batch(batch, use_ema=True)
+        loss = self.parameterisation.loss(self.sampling_net(), batch[0], cond, generator=generator)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch[0]))
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        optimizer = torch.optim.AdamW(
-            self.net.parameters(), lr=hp.lr, betas=tuple(hp.adam_betas), weight_decay=hp.weight_decay
-        )
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.adam_betas), weight_decay=hp.weight_decay)
         warmup = max(1, int(hp.warmup_steps))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -192,6 +340,10 @@ class DiffusionModel(L.LightningModule):
             "python": _plain(random.getstate()),
             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
         }
+        if not self.strict_loading:  # a frozen text encoder comes from its own files
+            state = checkpoint["state_dict"]
+            for key in [k for k in state if k.startswith("text_encoder.")]:
+                del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_architecture(checkpoint.get("hyper_parameters", {}), dict(self.hparams))
@@ -207,9 +359,80 @@ class DiffusionModel(L.LightningModule):
 
     def denoiser(self, use_ema: bool = True) -> Denoiser:
         net = self.sampling_net() if use_ema else self.net
-        return Denoiser(net, self.schedule, self.hparams.prediction, clip_x0=self.hparams.clip_x0)
+        return Denoiser(net, self.parameterisation, clip_x0=self.hparams.clip_x0)
+
+    def guidance(self, config: Mapping[str, Any] | float | None = None, use_ema: bool = True) -> Guidance:
+        """The :class:`Guidance` of a ``conf/guidance`` config (or a scale); ``None``: the model's default."""
+        if config is None:
+            config = self.hparams.guidance
+        options = {**NO_GUIDANCE, **({"scale": float(config)} if isinstance(config, int | float) else dict(config))}
+        scale = float(options["scale"])
+        if options.get("name") == "none" or scale == 1:
+            return Guidance()
+        if not self.conditions:
+            raise ValueError(
+                "guidance=cfg needs a model trained with a condition (module.num_classes or text_encoder); "
+                "this one is unconditional: use guidance=none"
+            )
+        return Guidance(scale, self.null_condition(use_ema), options.get("sigma_min"), options.get("sigma_max"))
+
+    def sampler_spec(self, sampler: str | Mapping[str, Any] | None = None, **overrides: Any) -> SamplerSpec:
+        """A sampler name (the run's own config for it, else the packaged ``sampler/NAME.yaml``) or config."""
+        if isinstance(sampler, str):
+            same = sampler == self.hparams.sampler.get("name")
+            base = dict(self.hparams.sampler) if same else sampler_config(sampler)
+        else:
+            base = dict(sampler or self.hparams.sampler)
+        return SamplerSpec.from_config(base, **overrides)
 
     @torch.no_grad()
+    def sample_batches(
+        self,
+        num_samples: int,
+        sampler: str | Mapping[str, Any] | None = None,
+        steps: int | None = None,
+        spacing: str | None = None,
+        *,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        first_index: int = 0,
+        batch_size: int = 256,
+        y: Tensor | int | list[int] | None = None,
+        prompt: str | list[str] | None = None,
+        guidance: Mapping[str, Any] | float | None = None,
+        use_ema: bool = True,
+        **options: Any,
+    ) -> Iterator[SampleResult]:
+        """:meth:`sample`, batch by batch (results in [-1, 1], on the model's device)."""
+        spec = self.sampler_spec(sampler, steps=steps, spacing=spacing, **options)
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        was_training = self.training
+        self.eval()
+        try:
+            cond = self.condition(num_samples, y, prompt, use_ema)
+            guide = self.guidance(guidance, use_ema)
+            sigmas = self.optimized_sigmas(spec, use_ema) if spec.spacing == OPTIMIZED else None
+            for result in iter_generate(
+                self.denoiser(use_ema),
+                self.schedule,
+                spec,
+                (self.hparams.channels, self.hparams.image_size, self.hparams.image_size),
+                num_samples,
+                batch_size=batch_size,
+                seed=seed,
+                first_index=first_index,
+                device=self.device,
+                cond=cond,
+                guidance=guide,
+                to_cpu=False,
+                sigmas=sigmas,
+            ):
+                result.images = result.images.clamp(-1, 1)
+                yield result
+        finally:
+            self.train(was_training)
+
     def sample(
         self,
         num_samples: int,
@@ -217,50 +440,26 @@ class DiffusionModel(L.LightningModule):
         steps: int | None = None,
         spacing: str | None = None,
         *,
-        generator: torch.Generator | None = None,
-        batch_size: int = 256,
-        y: Tensor | None = None,
-        use_ema: bool = True,
         return_result: bool = False,
         progress: Callable[[int], None] | None = None,
-        **options: Any,
+        **kwargs: Any,
     ) -> Tensor | SampleResult:
         """Draw ``num_samples`` images in [-1, 1] with the EMA weights (when there are any).
 
-        ``sampler`` is a name (``"ddim"``: the config of ``conf/sampler/ddim.yaml``, or the run's
-        own when it trained with that sampler) or a full sampler config; ``steps``, ``spacing`` and
-        ``options`` (e.g. ``eta=0.5``) override it. With ``return_result`` the NFE and wall time
-        come back too.
+        ``sampler`` is a name (``"ddim"``: the run's own config for it, else the packaged
+        ``sampler/ddim.yaml``) or a full sampler config; ``steps``, ``spacing`` and options (e.g.
+        ``eta=0.5``) override it. Conditions: ``y`` (labels), ``prompt`` (text), ``guidance`` (a
+        ``conf/guidance`` config or a CFG scale). Sample i of ``seed`` is the same image whatever
+        the batch size (``first_index`` shifts the indices); without ``seed`` one is drawn from
+        ``generator`` (or torch's global RNG). With ``return_result`` the NFE and time come back too.
         """
-        if isinstance(sampler, str):  # the run's own config for its sampler, else conf/sampler/NAME.yaml
-            same = sampler == self.hparams.sampler.get("name")
-            base = dict(self.hparams.sampler) if same else sampler_config(sampler)
-        else:
-            base = dict(sampler or self.hparams.sampler)
-        spec = SamplerSpec.from_config(base, steps=steps, spacing=spacing, **options)
-        if self.hparams.num_classes and y is not None:
-            y = y.to(self.device).long()
-        was_training = self.training
-        self.eval()
-        try:
-            sigmas = self.optimized_sigmas(spec, use_ema) if spec.spacing == OPTIMIZED else None
-            result = generate(
-                self.denoiser(use_ema),
-                self.schedule,
-                spec,
-                (self.hparams.channels, self.hparams.image_size, self.hparams.image_size),
-                num_samples,
-                batch_size=batch_size,
-                generator=generator,
-                device=self.device,
-                cond={"y": y} if y is not None else None,
-                progress=progress,
-                to_cpu=False,
-                sigmas=sigmas,
-            )
-        finally:
-            self.train(was_training)
-        result.images = result.images.clamp(-1, 1)
+        chunks, nfe, seconds = [], 0.0, 0.0
+        for result in self.sample_batches(num_samples, sampler, steps, spacing, **kwargs):
+            chunks.append(result.images)
+            nfe, seconds = max(nfe, result.nfe), seconds + result.seconds
+            if progress is not None:
+                progress(len(result.images))
+        result = SampleResult(torch.cat(chunks), nfe, seconds)
         return result if return_result else result.images
 
     def optimized_sigmas(self, spec: SamplerSpec, use_ema: bool = True) -> Tensor:
@@ -301,6 +500,7 @@ def restore_rng_states(state: Mapping[str, Any]) -> None:
 
 def check_architecture(saved: Mapping[str, Any], current: Mapping[str, Any], path: str = "the checkpoint") -> None:
     """One clear error when a checkpoint was trained with another network or data shape."""
+    saved, current = _with_net(saved), _with_net(current)
     diffs = [
         f"{k}={saved.get(k)!r} (this run: {current.get(k)!r})"
         for k in ARCHITECTURE_KEYS
@@ -311,6 +511,14 @@ def check_architecture(saved: Mapping[str, Any], current: Mapping[str, Any], pat
             f"{path} was trained with another architecture: {'; '.join(diffs)}. "
             "Use the same model=/data= options as the run that wrote it, or start a new run without ckpt_path"
         )
+
+
+def _with_net(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """Hyper-parameters with the network as a ``net`` config (older checkpoints stored ``unet`` options)."""
+    hparams = dict(hparams)
+    if hparams.get("net") is None:
+        hparams["net"] = {**DEFAULT_NET, **dict(hparams.get("unet") or {})}
+    return hparams
 
 
 def _plain(value: Any) -> Any:

@@ -3,11 +3,11 @@
     x0 = sampler(denoiser, x, sigmas, *, generator=None, callback=None, **options)
 
 ``denoiser(x, sigma[batch], **cond) -> x0_hat``; ``sigmas`` decreasing and ending in 0;
-``x = noise * sigmas[0]``. See shared/DESIGN.md ("The one contract").
+``x = noise * sigmas[0]``. See docs/contract.md.
 """
 
 from fewstep.samplers import adaptive, ancestral, multistep, ode, sde  # noqa: F401  (they register themselves)
-from fewstep.samplers.registry import SAMPLERS, get_sampler, register
+from fewstep.samplers.registry import SAMPLERS, SampleGenerators, get_sampler, register
 from fewstep.samplers.spacing import SPACINGS, make_sigmas
 
-__all__ = ["SAMPLERS", "SPACINGS", "get_sampler", "make_sigmas", "register"]
+__all__ = ["SAMPLERS", "SPACINGS", "SampleGenerators", "get_sampler", "make_sigmas", "register"]

@@ -39,7 +39,33 @@ def check_sigmas(sigmas: Tensor, x: Tensor) -> Tensor:
     return sigmas.to(device=x.device, dtype=x.dtype)
 
 
-def noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+class SampleGenerators:
+    """One random stream per sample (EDM's ``StackedRandomGenerator``, Karras et al. 2022 code).
+
+    Pass it as a sampler's ``generator``: sample i draws its start noise and every step's noise from
+    its own ``torch.Generator`` seeded with ``seeds[i]``, so a seed gives the same image whatever the
+    batch size or the number of processes it is drawn in.
+    """
+
+    def __init__(self, seeds: list[int], device: torch.device | str = "cpu") -> None:
+        self.seeds = [int(s) for s in seeds]
+        self.device = torch.device(device)
+        self.generators = [torch.Generator(self.device).manual_seed(s) for s in self.seeds]
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def randn(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
+        if shape[0] != len(self.generators):
+            raise ValueError(f"{len(self.generators)} per-sample generators cannot draw a batch of {shape[0]}")
+        return torch.stack(
+            [torch.randn(shape[1:], generator=g, device=self.device, dtype=dtype) for g in self.generators]
+        )
+
+
+def noise_like(x: Tensor, generator: torch.Generator | SampleGenerators | None) -> Tensor:
+    if isinstance(generator, SampleGenerators):
+        return generator.randn(tuple(x.shape), x.dtype).to(x.device)
     return torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
 
 
