@@ -34,8 +34,14 @@ COLUMNS = (
     "is_std",
     "features",
     "spacing",
+    "guidance_scale",
+    "digit_adherence",
+    "weight_adherence",
+    "slant_adherence",
+    "size_adherence",
     "run",
 )
+ADHERENCE = ("digit_adherence", "weight_adherence", "slant_adherence", "size_adherence")
 SHOWN = {  # markdown column -> (header, format)
     "sampler": ("sampler", "{}"),
     "spacing": ("spacing", "{}"),
@@ -47,6 +53,10 @@ SHOWN = {  # markdown column -> (header, format)
     "kid_mean": ("KID", "{:.4g}"),
     "is_mean": ("IS", "{:.3f}"),
     "features": ("features", "{}"),
+    "guidance_scale": ("CFG scale", "{:g}"),
+    "digit_adherence": ("digit adherence", "{:.1%}"),
+    "weight_adherence": ("stroke adherence", "{:.1%}"),
+    "slant_adherence": ("slant adherence", "{:.1%}"),
     "run": ("run", "{}"),
 }
 
@@ -71,19 +81,28 @@ def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
         if summary.get("fid") is None:
             continue
         row = {key: summary.get(key) for key in COLUMNS}
+        row["guidance_scale"] = (summary.get("guidance") or {}).get("scale")
+        row.update({key: (summary.get("adherence") or {}).get(key.removesuffix("_adherence")) for key in ADHERENCE})
         row["run"] = str(path.parent.relative_to(root)) or "."
         rows.append(row)
     if not rows:
         raise ValueError(f"none of the {len(paths)} summary.json under {root} has an FID; sample with eval=true")
-    rows.sort(key=lambda r: (str(r["sampler"]), str(r["spacing"]), str(r["features"]), r["nfe"] or 0, r["steps"] or 0))
+    rows.sort(
+        key=lambda r: (
+            (str(r["sampler"]), str(r["spacing"]), str(r["features"]), r["nfe"] or 0, r["steps"] or 0)
+            + (r["guidance_scale"] or 0,)
+        )
+    )
     return rows
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    header = [SHOWN[c][0] for c in SHOWN]
+    """The table, without the columns no row has a value in (adherence and CFG of unconditional sweeps)."""
+    shown = [c for c in SHOWN if any(row.get(c) is not None for row in rows)]
+    header = [SHOWN[c][0] for c in shown]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     for row in rows:
-        cells = [_fmt(SHOWN[c][1], row.get(c)) for c in SHOWN]
+        cells = [_fmt(SHOWN[c][1], row.get(c)) for c in shown]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -142,6 +161,45 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def plot_adherence(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    """FID against adherence (one panel per measured kind), one line per sampler, points labelled by CFG scale.
+
+    Guidance moves a model along this curve: more adherence, at some point a worse FID.
+    """
+    kinds = [k for k in ADHERENCE if any(r.get(k) is not None for r in rows)]
+    if not kinds:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 4.2), squeeze=False)
+    for ax, kind in zip(axes[0], kinds, strict=True):
+        lines: dict[str, list[dict[str, Any]]] = {}
+        for row in rows:
+            if row.get(kind) is not None:
+                lines.setdefault(f"{row['sampler']} x{row['steps']}", []).append(row)
+        for label, points in lines.items():
+            points.sort(key=lambda r: r["guidance_scale"] or 0)
+            ax.plot([r[kind] for r in points], [r["fid"] for r in points], marker="o", label=label)
+            for r in points:
+                ax.annotate(
+                    f"w={r['guidance_scale']:g}",
+                    (r[kind], r["fid"]),
+                    fontsize=8,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
+        ax.set(xlabel=kind.replace("_", " "), ylabel="FID", title=f"FID vs {kind.replace('_', ' ')}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def log_wandb(rows: list[dict[str, Any]], image: Path, sweep_dir: Path, project: str, out_dir: Path) -> str:
     """The table and the plot as a W&B run (offline unless W&B is configured)."""
     import wandb
@@ -180,6 +238,11 @@ def report(
         "csv": write_csv(rows, out / "report.csv"),
         "plot": plot(rows, out / "report.png"),
     }
+    adherence = plot_adherence(rows, out / "adherence.png")
+    if adherence is not None:
+        paths["adherence_plot"] = adherence
+        with paths["markdown"].open("a") as handle:
+            handle.write("\n![FID vs adherence](adherence.png)\n")
     result: dict[str, Any] = {"rows": rows, "table": table, "paths": paths}
     if use_wandb:
         result["wandb"] = log_wandb(rows, paths["plot"], sweep_dir, project, out)

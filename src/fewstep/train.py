@@ -18,6 +18,17 @@ from fewstep.nn.text import WordTokenizer
 log = logging.getLogger(__name__)
 
 
+class _NoProductTips(logging.Filter):
+    """Drop the "Tip: try installing litlogger / litmodels" lines Lightning prints on every run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("Tip:" in message and ("litlogger" in message or "litmodels" in message))
+
+
+logging.getLogger("lightning.fabric.utilities.rank_zero").addFilter(_NoProductTips())
+
+
 def build_model(cfg: DictConfig, datamodule: ImageDataModule) -> DiffusionModel:
     """The LightningModule from the model/, schedule/, sampler/, guidance/ and text_encoder/ groups and
     the module options. A text encoder that builds its vocabulary (``vocab``) gets it from the
@@ -38,7 +49,7 @@ def build_model(cfg: DictConfig, datamodule: ImageDataModule) -> DiffusionModel:
             "vocab"
         ):
             datamodule.setup("fit")
-            text_encoder["vocab"] = WordTokenizer.build(datamodule.train_captions()).vocab
+            text_encoder["vocab"] = WordTokenizer.build(datamodule.train_captions())
     guidance = OmegaConf.to_container(cfg.guidance, resolve=True) if cfg.get("guidance") else None
     return DiffusionModel(
         image_size=datamodule.image_size,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 import torch
 
 from fewstep.lit.module import DiffusionModel
+from fewstep.utils import file_digest
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -18,6 +18,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     A file that would need arbitrary unpickling (and so could execute code) is refused.
     """
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise ValueError(f"checkpoint {path} is not a regular file; pass the path of a .ckpt file written by train.py")
     if not path.is_file():
         raise FileNotFoundError(
             f"checkpoint {path} does not exist; pass the path of a .ckpt file (e.g. .../checkpoints/last.ckpt)"
@@ -47,9 +49,11 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Di
     checkpoint = load_checkpoint(path, map_location)
     try:
         model = DiffusionModel(**checkpoint["hyper_parameters"])
-    except TypeError as err:
+    except TypeError as err:  # (a bad text_encoder.path etc. raises its own one-line ValueError)
         raise ValueError(f"{path} has hyper-parameters this fewstep version does not know ({err})") from None
     missing, unexpected = model.load_state_dict(checkpoint["state_dict"], strict=False)
+    if not model.strict_loading:  # a frozen text encoder (CLIP) is loaded from its own folder
+        missing = [k for k in missing if not k.startswith("text_encoder.")]
     if missing or unexpected:
         raise ValueError(
             f"{path} does not match the network its hyper-parameters describe "
@@ -58,12 +62,3 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Di
     model.sigmas_cache = path.parent / f"{path.stem}.optimized_sigmas.json"
     model.checkpoint_id = file_digest(path)
     return model.to(map_location).eval()
-
-
-def file_digest(path: Path) -> str:
-    """SHA-256 of a file: identifies the weights an optimized grid was tuned for."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -27,7 +27,7 @@ from urllib.error import URLError
 import torch
 from torch import Tensor, nn
 
-from fewstep.lit.checkpoint import file_digest as checkpoint_digest
+from fewstep.utils import file_digest as sha256_digest
 
 INCEPTION_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
@@ -157,7 +157,7 @@ def inception_weights(weights_path: str | os.PathLike | None = None) -> Path:
 
 def file_digest(path: str | os.PathLike, length: int = 12) -> str:
     """The first ``length`` hex digits of a file's SHA-256 (keys caches to the exact weights used)."""
-    return checkpoint_digest(Path(path))[:length]
+    return sha256_digest(path)[:length]
 
 
 def _check_state_dict(path: Path, required: tuple[str, ...], option: str = "features.weights_path") -> dict:
