@@ -57,3 +57,17 @@ def test_non_editable_install_uses_packaged_configs(tmp_path):
         [sys.executable, "-c", SCRIPT], cwd=elsewhere, capture_output=True, text=True, timeout=300, env=env
     )
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+
+
+def test_folders_do_not_import_upwards():
+    """nn/ and samplers/ import nothing of fewstep's higher layers, metrics/ and data/ nothing of lit/."""
+    code = (
+        "import sys\n"
+        "import fewstep.nn, fewstep.samplers\n"
+        "assert not [m for m in sys.modules if m.startswith(('fewstep.lit', 'fewstep.diffusion', 'fewstep.metrics'))]\n"
+        "import fewstep.metrics, fewstep.metrics.classifier, fewstep.metrics.reference, fewstep.data\n"
+        "assert not [m for m in sys.modules if m.startswith('fewstep.lit')], 'metrics/ or data/ imported lit/'\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

@@ -99,6 +99,20 @@ def conditions(cfg: DictConfig, model: DiffusionModel) -> tuple[int, dict[str, A
     return n, {}, 0
 
 
+def build_adherence(model: DiffusionModel, scores: Any) -> Any:  # -> Adherence
+    """Adherence of conditional samples: the digit by the classifier features (when those are the FID
+    features), stroke weight / slant / size by the caption rules of captioned MNIST-5k."""
+    from fewstep.data import DataSource
+    from fewstep.metrics.adherence import Adherence
+
+    data = dict(model.hparams.data or {})
+    classifier = scores.extractor if scores.features.startswith("classifier") else None
+    rules = None
+    if data.get("captions") and data.get("name") == "mnist5k":
+        rules = DataSource.from_config(data).setup().caption_rules
+    return Adherence(classifier, rules)
+
+
 def sample(cfg: DictConfig) -> dict:
     """Draw ``cfg.n`` samples; write samples.png, samples.npz and summary.json to ``cfg.out_dir``.
 
@@ -122,6 +136,7 @@ def sample(cfg: DictConfig) -> dict:
     model.guidance(guidance_cfg)  # bad guidance input fails before anything is computed
     total, condition, row = conditions(cfg, model)
     scores = build_scores(cfg, model, device) if evaluate else None
+    adherence = build_adherence(model, scores) if scores is not None and condition else None
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     kept: list[torch.Tensor] = []  # uint8 samples for the .npz
@@ -142,6 +157,13 @@ def sample(cfg: DictConfig) -> dict:
             if scores is not None:
                 start = time.perf_counter()
                 scores.update(result.images)
+                if adherence is not None:
+                    rows = list(result.indices)
+                    adherence.update(
+                        result.images,
+                        condition["y"][rows] if "y" in condition else None,
+                        [condition["prompt"][i] for i in rows] if "prompt" in condition else None,
+                    )
                 eval_seconds += time.perf_counter() - start
             images = result.images.float().cpu()
             if save_npz:
@@ -190,6 +212,8 @@ def sample(cfg: DictConfig) -> dict:
             "image_size": model.hparams.data.get("image_size"),
             "n": values["reference_n"],
         }
+        if adherence is not None:
+            summary["adherence"] = adherence.compute()
         summary["eval_seconds"] = eval_seconds
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     log.info(

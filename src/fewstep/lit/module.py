@@ -210,8 +210,6 @@ class DiffusionModel(L.LightningModule):
                     self.text_encoder, multi_avg_fn=ema_with_warmup(ema_decay), use_buffers=True
                 )
                 self.ema_text.requires_grad_(False)
-        # A frozen encoder (CLIP) is loaded from its own files, not stored in every checkpoint.
-        self.strict_loading = self.text_encoder is None or self.trains_text_encoder
         # Set by load_model: where optimized grids of this checkpoint are cached, and its identity.
         self.sigmas_cache: Path | None = None
         self.checkpoint_id: str | None = None
@@ -340,10 +338,6 @@ class DiffusionModel(L.LightningModule):
             "python": _plain(random.getstate()),
             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
         }
-        if not self.strict_loading:  # a frozen text encoder comes from its own files
-            state = checkpoint["state_dict"]
-            for key in [k for k in state if k.startswith("text_encoder.")]:
-                del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_architecture(checkpoint.get("hyper_parameters", {}), dict(self.hparams))

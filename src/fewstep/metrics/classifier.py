@@ -188,7 +188,7 @@ def train_classifier(
         shuffle=True,
         drop_last=True,
         generator=generator,
-        num_workers=datamodule.num_workers,
+        num_workers=int(data.get("num_workers") or 0),
     )
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=epochs * len(loader), pct_start=0.2)
@@ -316,7 +316,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.ckpt:
-        from fewstep.lit import load_checkpoint
+        from fewstep.utils import load_checkpoint
 
         data = load_checkpoint(args.ckpt)["hyper_parameters"].get("data")
         if not data:

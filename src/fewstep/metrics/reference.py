@@ -13,7 +13,6 @@ Files are ``<cache_dir>/reference/<key>.pt``: a dict of tensors and plain values
 from __future__ import annotations
 
 import hashlib
-import inspect
 import logging
 import os
 import re
@@ -26,8 +25,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from fewstep.data import TORCHVISION_SETS
-from fewstep.lit.datamodule import ImageDataModule
+from fewstep.data import TORCHVISION_SETS, DataSource
 from fewstep.metrics.features import FeatureExtractor
 
 log = logging.getLogger(__name__)
@@ -55,21 +53,18 @@ def dataset_id(data: Mapping[str, Any]) -> str:
     return name
 
 
-def make_datamodule(data: Mapping[str, Any]) -> ImageDataModule:
-    """An :class:`ImageDataModule` from a data config (``conf/data``, or a checkpoint's ``hparams.data``), set up.
+def make_datamodule(data: Mapping[str, Any]) -> DataSource:
+    """The :class:`DataSource` of a data config (``conf/data``, or a checkpoint's ``hparams.data``), split.
 
-    Random flips are switched off: reference images are the data as it is.
+    Items are ``(image, label)`` (captions are not needed to score images) and never flipped:
+    reference images are the data as it is.
     """
-    known = set(inspect.signature(ImageDataModule.__init__).parameters) - {"self"}
-    options = {k: v for k, v in dict(data).items() if k in known}
-    options["random_flip"] = False
-    datamodule = ImageDataModule(**options)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    return datamodule
+    source = DataSource.from_config(data, captions=False)
+    source.prepare()
+    return source.setup()
 
 
-def split_dataset(datamodule: ImageDataModule, split: str) -> Dataset:
+def split_dataset(datamodule: DataSource, split: str) -> Dataset:
     """``train`` / ``val``: the datamodule's deterministic split; ``test``: torchvision's test set."""
     if split not in SPLITS:
         raise ValueError(f"unknown reference split {split!r}; choose one of: {', '.join(SPLITS)}")
@@ -269,7 +264,7 @@ def reference_stats(
         extractor,
         batch_size=batch_size,
         max_kid_features=max_kid_features,
-        num_workers=datamodule.num_workers,
+        num_workers=int(data.get("num_workers") or 0),
         key=key,
     )
     stats.save(path)
