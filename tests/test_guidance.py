@@ -82,7 +82,16 @@ def test_counting_guided_evaluations_and_per_sample_seeds():
     batched = generate(class_denoiser, schedule, spec, (4,), 7, batch_size=3, **kwargs)
     assert torch.equal(whole.images, batched.images)
     tail = generate(
-        class_denoiser, schedule, spec, (4,), 3, batch_size=2, first_index=4, cond={"y": y[4:]}, guidance=guidance, seed=7
+        class_denoiser,
+        schedule,
+        spec,
+        (4,),
+        3,
+        batch_size=2,
+        first_index=4,
+        cond={"y": y[4:]},
+        guidance=guidance,
+        seed=7,
     )
     assert torch.equal(whole.images[4:], tail.images)
     assert len(set(sample_seeds(7, range(1000)))) == 1000

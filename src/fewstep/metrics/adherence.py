@@ -62,4 +62,3 @@ class Adherence:
                 out[kind] = self.correct[kind] / n
                 out[f"{kind}_n"] = n
         return out
-
