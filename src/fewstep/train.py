@@ -26,7 +26,8 @@ class _NoProductTips(logging.Filter):
         return not ("Tip:" in message and ("litlogger" in message or "litmodels" in message))
 
 
-logging.getLogger("lightning.fabric.utilities.rank_zero").addFilter(_NoProductTips())
+for _name in ("lightning.fabric.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
+    logging.getLogger(_name).addFilter(_NoProductTips())
 
 
 def build_model(cfg: DictConfig, datamodule: ImageDataModule) -> DiffusionModel:

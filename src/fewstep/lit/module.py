@@ -359,7 +359,9 @@ class DiffusionModel(L.LightningModule):
         """The :class:`Guidance` of a ``conf/guidance`` config (or a scale); ``None``: the model's default."""
         if config is None:
             config = self.hparams.guidance
-        options = {**NO_GUIDANCE, **({"scale": float(config)} if isinstance(config, int | float) else dict(config))}
+        if isinstance(config, int | float):
+            config = {"name": "cfg", "scale": float(config)}
+        options = {**NO_GUIDANCE, "name": "cfg", **dict(config)}
         scale = float(options["scale"])
         if options.get("name") == "none" or scale == 1:
             return Guidance()
