@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from fewstep.lit import DiffusionModel, ImageDataModule, load_checkpoint
+from fewstep.lit.checkpoint import AtomicCheckpointIO
 from fewstep.lit.module import check_architecture
 from fewstep.nn.text import WordTokenizer
 
@@ -87,7 +88,9 @@ def train(cfg: DictConfig) -> float | None:
     loggers = instantiate_all(cfg.get("logger"))
     if not loggers:  # logger=none: nothing to report learning rates to
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
+    )
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
