@@ -15,7 +15,18 @@ from fewstep.lit import ImageDataModule
 from fewstep.train import build_model, instantiate_all
 
 CONF = ROOT / "conf"
-GROUPS = ["data", "model", "schedule", "sampler", "trainer", "logger", "callbacks", "experiment"]
+GROUPS = [
+    "data",
+    "model",
+    "schedule",
+    "sampler",
+    "guidance",
+    "text_encoder",
+    "trainer",
+    "logger",
+    "callbacks",
+    "experiment",
+]
 CASES = [(group, option) for group in GROUPS for option in group_options(group)]
 
 
@@ -41,10 +52,17 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
     overrides = [f"{group}={option}"]
     if group != "data" or option == "folder":
         overrides.append("data.root=" + str(tmp_path))
+    if group == "text_encoder":
+        overrides.append("data=mnist5k_captions")
     cfg = resolve_hydra(compose_train(*overrides), tmp_path)
-    if group == "data":
+    if (group, option) == ("text_encoder", "clip"):  # needs a saved CLIP folder: the error says so
+        with pytest.raises(ValueError, match="text_encoder.path"):
+            build_model(cfg, instantiate(cfg.data))
+        return
+    if group == "data" or cfg.get("text_encoder"):
         datamodule = instantiate(cfg.data)
-        assert isinstance(datamodule, ImageDataModule) and datamodule.name == option
+        assert isinstance(datamodule, ImageDataModule)
+        assert group != "data" or datamodule.name == option.removesuffix("_captions")
         datamodule.image_size = 16  # keep the network small: this test is about composition
     else:
         datamodule = ImageDataModule(image_size=16)
