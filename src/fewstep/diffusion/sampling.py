@@ -132,8 +132,11 @@ class CountingDenoiser:
         self.denoiser, self.batch, self.rows = denoiser, batch, 0
 
     @property
-    def calls(self) -> float:
-        return self.rows / self.batch if self.batch else self.rows
+    def calls(self) -> int | float:
+        if not self.batch:
+            return self.rows
+        calls = self.rows / self.batch  # a whole number unless guidance covered only part of a batch
+        return int(calls) if calls.is_integer() else calls
 
     @calls.setter
     def calls(self, value: int) -> None:  # reset: ``counter.calls = 0``
