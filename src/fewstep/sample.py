@@ -94,6 +94,12 @@ def conditions(cfg: DictConfig, model: DiffusionModel) -> tuple[int, dict[str, A
     if prompt is not None:
         if model.text_encoder is None:
             raise ValueError(f"prompt= was given but {cfg.ckpt} was trained without text; drop prompt=")
+        if prompt in ("val", "train"):  # the captions of the data's split, in order (cycled when n is larger)
+            from fewstep.data import DataSource, dataset_captions
+
+            source = DataSource.from_config(model.hparams.data or {}).setup()
+            captions = dataset_captions(source.val_set if prompt == "val" else source.train_set)
+            return n, {"prompt": [captions[i % len(captions)] for i in range(n)]}, 0
         prompts = [str(p) for p in prompt] if OmegaConf.is_list(prompt) else [str(prompt)]
         return n * len(prompts), {"prompt": [p for p in prompts for _ in range(n)]}, n if len(prompts) > 1 else 0
     return n, {}, 0
@@ -200,7 +206,10 @@ def sample(cfg: DictConfig) -> dict:
         summary["y"] = OmegaConf.to_container(cfg, resolve=True)["y"]
     if "prompt" in condition:
         summary["prompts"] = list(dict.fromkeys(condition["prompt"]))
-        summary["samples_per_prompt"] = int(cfg.n)
+        if cfg.prompt in ("val", "train"):
+            summary["prompt_source"] = f"{cfg.prompt} captions"
+        else:
+            summary["samples_per_prompt"] = int(cfg.n)
     if scores is not None:
         start = time.perf_counter()
         values = scores.compute()
