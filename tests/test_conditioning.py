@@ -177,3 +177,25 @@ def test_top_level_api():
     import fewstep
 
     assert fewstep.DiffusionModel is DiffusionModel and "ddim" in fewstep.SAMPLERS and callable(fewstep.load_model)
+
+
+def test_fid_callback_draws_labels_with_the_data_frequencies_and_prompts_from_captions():
+    from types import SimpleNamespace
+
+    from fewstep.callbacks import FID
+
+    class Data:
+        def class_frequencies(self):
+            return torch.tensor([0.0] * 8 + [0.9, 0.1])
+
+        def train_captions(self):
+            return ["a bold seven", "a thin 1"]
+
+    trainer = SimpleNamespace(datamodule=Data())
+    callback = FID(num_samples=2000, seed=3)
+    labels = callback.conditions(trainer, class_model())["y"]
+    assert len(labels) == 2000 and set(labels.tolist()) <= {8, 9}
+    assert abs(float((labels == 8).double().mean()) - 0.9) < 0.03  # 5 standard errors
+    assert torch.equal(labels, callback.conditions(trainer, class_model())["y"])  # the same on every rank
+    prompts = callback.conditions(trainer, text_model())["prompt"]
+    assert len(prompts) == 2000 and set(prompts) == {"a bold seven", "a thin 1"}
