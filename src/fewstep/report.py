@@ -57,6 +57,7 @@ SHOWN = {  # markdown column -> (header, format)
     "digit_adherence": ("digit adherence", "{:.1%}"),
     "weight_adherence": ("stroke adherence", "{:.1%}"),
     "slant_adherence": ("slant adherence", "{:.1%}"),
+    "size_adherence": ("size adherence", "{:.1%}"),
     "run": ("run", "{}"),
 }
 
