@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -235,14 +235,20 @@ def iter_generate(
 
 def generate(*args, progress: Callable[[int], None] | None = None, **kwargs) -> SampleResult:
     """All of :func:`iter_generate`'s batches as one result (same arguments)."""
-    chunks, nfe, seconds = [], 0.0, 0.0
-    for result in iter_generate(*args, **kwargs):
+    return collect(iter_generate(*args, **kwargs), progress)
+
+
+def collect(batches: Iterable[SampleResult], progress: Callable[[int], None] | None = None) -> SampleResult:
+    """Batches of samples as one result: images concatenated, the largest NFE, the summed time."""
+    chunks, nfe, seconds, indices = [], 0.0, 0.0, []
+    for result in batches:
         chunks.append(result.images)
         nfe, seconds = max(nfe, result.nfe), seconds + result.seconds
+        indices.extend(result.indices)
         if progress is not None:
             progress(len(result.images))
-    first = kwargs.get("first_index", 0)
-    return SampleResult(torch.cat(chunks), nfe, seconds, range(first, first + sum(len(c) for c in chunks)))
+    span = range(indices[0], indices[-1] + 1) if indices else range(0)
+    return SampleResult(torch.cat(chunks), nfe, seconds, span)
 
 
 def _rows(value: object, begin: int, n: int, total: int) -> object:

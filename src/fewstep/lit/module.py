@@ -22,6 +22,7 @@ from fewstep.diffusion.sampling import (
     Guidance,
     SampleResult,
     SamplerSpec,
+    collect,
     iter_generate,
     optimized_sigmas,
 )
@@ -449,13 +450,7 @@ class DiffusionModel(L.LightningModule):
         the batch size (``first_index`` shifts the indices); without ``seed`` one is drawn from
         ``generator`` (or torch's global RNG). With ``return_result`` the NFE and time come back too.
         """
-        chunks, nfe, seconds = [], 0.0, 0.0
-        for result in self.sample_batches(num_samples, sampler, steps, spacing, **kwargs):
-            chunks.append(result.images)
-            nfe, seconds = max(nfe, result.nfe), seconds + result.seconds
-            if progress is not None:
-                progress(len(result.images))
-        result = SampleResult(torch.cat(chunks), nfe, seconds)
+        result = collect(self.sample_batches(num_samples, sampler, steps, spacing, **kwargs), progress)
         return result if return_result else result.images
 
     def optimized_sigmas(self, spec: SamplerSpec, use_ema: bool = True) -> Tensor:
