@@ -83,3 +83,44 @@ def ode_reference(gmm: GaussianMixture, x: Tensor, sigma_start: float, sigma_end
     assert sol.success, sol.message
     end = torch.from_numpy(sol.y[:, -1]).reshape(shape)
     return gmm.denoiser(end, torch.full((shape[0],), sigma_end, dtype=torch.float64))
+
+
+class Gaussian:
+    """Data x0 ~ N(mu, Sigma), full covariance: D(x, sigma) = mu + Sigma (Sigma + sigma^2 I)^-1 (x - mu),
+    and the conditional of any block given the rest is Gaussian in closed form."""
+
+    def __init__(self, mean: Tensor, cov: Tensor) -> None:
+        self.mu, self.cov = mean.double(), cov.double()
+
+    @classmethod
+    def random(cls, dim: int, seed: int = 0, low: float = 0.3, high: float = 1.5) -> Gaussian:
+        g = torch.Generator().manual_seed(seed)
+        q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
+        eig = low + (high - low) * torch.rand(dim, generator=g, dtype=torch.float64)
+        return cls(torch.randn(dim, generator=g, dtype=torch.float64) * 0.5, q @ torch.diag(eig) @ q.T)
+
+    @property
+    def dim(self) -> int:
+        return len(self.mu)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
+        return self.mu + z @ torch.linalg.cholesky(self.cov).T
+
+    def denoiser(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:
+        flat = x.reshape(len(x), -1).double()
+        eye = torch.eye(self.dim, dtype=torch.float64)
+        out = torch.empty_like(flat)
+        for value in sigma.unique():  # one solve per distinct level (a batch shares one)
+            rows = sigma == value
+            gain = self.cov @ torch.linalg.inv(self.cov + float(value) ** 2 * eye)
+            out[rows] = self.mu + (flat[rows] - self.mu) @ gain.T
+        return out.to(x.dtype).reshape(x.shape)
+
+    def conditional(self, fill: Tensor, known_values: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and covariance of the ``fill`` coordinates (bool [dim]) given the others' values."""
+        k = ~fill
+        s_fk = self.cov[fill][:, k]
+        gain = s_fk @ torch.linalg.inv(self.cov[k][:, k])
+        mean = self.mu[fill] + gain @ (known_values - self.mu[k])
+        return mean, self.cov[fill][:, fill] - gain @ s_fk.T

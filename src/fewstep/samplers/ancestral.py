@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from fewstep.samplers.registry import batch_sigma, check_sigmas, noise_like, register
+from fewstep.samplers.registry import batch_sigma, check_sigmas, noise_like, register, runs_upward
 
 
 @register("ddpm")
@@ -72,15 +72,20 @@ def sample_ddim(
     """DDIM (Song et al. 2021, Eq. 12): deterministic for ``eta = 0``, DDPM-ancestral for ``eta = 1``."""
     if eta < 0:
         raise ValueError(f"sampler.eta must be >= 0, got {eta}")
-    sigmas = check_sigmas(sigmas, x)
+    sigmas = check_sigmas(sigmas, x, upward=True)
+    if eta > 0 and runs_upward(sigmas):
+        raise ValueError("sampler.eta must be 0 on an increasing (inversion) grid: DDIM inversion is deterministic")
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         x0 = denoiser(x, batch_sigma(sigma, x), **(cond or {}))
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigma, "sigma_next": sigma_next, "denoised": x0})
-        sigma_up = (eta * sigma_next * (sigma**2 - sigma_next**2).sqrt() / sigma).clamp(max=sigma_next)
         eps = (x - x0) / sigma
+        if eta == 0:  # also the step of an upward (inversion) grid, where sigma' > sigma
+            x = x0 + sigma_next * eps
+            continue
+        sigma_up = (eta * sigma_next * (sigma**2 - sigma_next**2).sqrt() / sigma).clamp(max=sigma_next)
         x = x0 + (sigma_next**2 - sigma_up**2).sqrt() * eps
-        if eta > 0 and sigma_next > 0:
+        if sigma_next > 0:
             x = x + sigma_up * noise_like(x, generator)
     return x

@@ -58,7 +58,7 @@ def sample_dpmpp_2m(
     ``x' = (sigma'/sigma) x - (e^-h - 1) [(1 + 1/(2r)) D_i - 1/(2r) D_{i-1}]``, ``r = h_{i-1} / h_i``;
     the first step is DPM-Solver++(1) = DDIM.
     """
-    sigmas = check_sigmas(sigmas, x)
+    sigmas = check_sigmas(sigmas, x, upward=True)
     s, steps = sigmas.tolist(), len(sigmas) - 1
     old, h_old = None, 0.0
     for i in range(steps):
@@ -102,7 +102,7 @@ def sample_dpmpp_3m(
     ``order`` = 1 (DDIM) or 2 (Taylor 2M) are available for comparison.
     """
     _check_order("dpmpp_3m", order, 3)
-    sigmas = check_sigmas(sigmas, x)
+    sigmas = check_sigmas(sigmas, x, upward=True)
     s, steps = sigmas.tolist(), len(sigmas) - 1
     ds: list[Tensor] = []
     lams: list[float] = []
@@ -194,7 +194,7 @@ def sample_unipc(
     _check_order("unipc", order, 3)
     if variant not in ("bh1", "bh2"):
         raise ValueError(f"sampler.variant must be 'bh1' or 'bh2', got {variant!r}")
-    sigmas = check_sigmas(sigmas, x)
+    sigmas = check_sigmas(sigmas, x, upward=True)
     s, steps = sigmas.tolist(), len(sigmas) - 1
     ds: list[Tensor] = []
     lams: list[float] = []
@@ -257,7 +257,7 @@ def sample_ipndm(
     (their Eq. 15 with rho = sigma) and equals the classic weights on a uniform grid.
     """
     _check_order("ipndm", order, 4)
-    sigmas = check_sigmas(sigmas, x)
+    sigmas = check_sigmas(sigmas, x, upward=True)
     s, steps = sigmas.tolist(), len(sigmas) - 1
     eps_hist: list[Tensor] = []  # newest first
     for i in range(steps):

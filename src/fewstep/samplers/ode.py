@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from fewstep.samplers.registry import batch_sigma, check_sigmas, noise_like, register
+from fewstep.samplers.registry import batch_sigma, check_sigmas, noise_like, register, runs_upward
 
 
 def _churn(
@@ -43,6 +43,11 @@ def _churn(
     return x + (sigma_hat**2 - sigma**2).sqrt() * s_noise * noise_like(x, generator), sigma_hat
 
 
+def _check_deterministic_upward(sigmas: Tensor, s_churn: float) -> None:
+    if s_churn > 0 and runs_upward(sigmas):
+        raise ValueError("sampler.s_churn must be 0 on an increasing (inversion) grid: churn adds noise")
+
+
 @register("euler")
 @torch.no_grad()
 def sample_euler(
@@ -61,7 +66,8 @@ def sample_euler(
     """Euler's method on the PF-ODE (EDM, Karras et al. 2022, Algorithm 2 without the 2nd-order
     correction): ``x' = x + (sigma' - sigma_hat) (x - D(x, sigma_hat)) / sigma_hat``. First order.
     Without churn this is DDIM with eta = 0 (Song et al. 2021, Eq. 14)."""
-    sigmas = check_sigmas(sigmas, x)
+    sigmas = check_sigmas(sigmas, x, upward=True)
+    _check_deterministic_upward(sigmas, s_churn)
     steps = len(sigmas) - 1
     for i in range(steps):
         x, sigma_hat = _churn(x, sigmas[i], steps, s_churn, s_tmin, s_tmax, s_noise, generator)
@@ -93,7 +99,8 @@ def sample_heun(
     ``x' = x_hat + (sigma' - sigma_hat) (d + d') / 2`` with ``d' = (x' - D(x', sigma')) / sigma'``;
     the last step to sigma' = 0 stays Euler (line 9), so N steps cost 2N - 1 denoiser calls.
     """
-    sigmas = check_sigmas(sigmas, x)
+    sigmas = check_sigmas(sigmas, x, upward=True)
+    _check_deterministic_upward(sigmas, s_churn)
     steps = len(sigmas) - 1
     for i in range(steps):
         sigma_next = sigmas[i + 1]

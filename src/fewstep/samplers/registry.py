@@ -28,15 +28,29 @@ def get_sampler(name: str) -> Callable[..., Tensor]:
     return SAMPLERS[name]
 
 
-def check_sigmas(sigmas: Tensor, x: Tensor) -> Tensor:
-    """Validate a sampling grid and move it to ``x``'s device and dtype."""
+def check_sigmas(sigmas: Tensor, x: Tensor, *, upward: bool = False) -> Tensor:
+    """Validate a sampling grid and move it to ``x``'s device and dtype.
+
+    A grid is strictly decreasing (largest noise first), positive but for a final 0. The
+    probability-flow ODE samplers pass ``upward=True``: they also run a strictly increasing grid of
+    positive levels, from data towards noise (inversion, ``fewstep.tasks.invert``).
+    """
     if sigmas.ndim != 1 or len(sigmas) < 2:
         raise ValueError("sigmas must be a 1-D tensor of at least 2 noise levels ending in 0")
+    if upward and bool((sigmas[:-1] < sigmas[1:]).all()):
+        if float(sigmas[0]) <= 0:
+            raise ValueError("an increasing (inversion) grid must be positive: start it at the smallest noise level")
+        return sigmas.to(device=x.device, dtype=x.dtype)
     if not bool((sigmas[:-1] > sigmas[1:]).all()):
         raise ValueError("sigmas must be strictly decreasing (largest noise first); check the spacing")
     if float(sigmas[-1]) < 0 or float(sigmas[-2]) <= 0:
         raise ValueError("sigmas must be positive except for a final 0")
     return sigmas.to(device=x.device, dtype=x.dtype)
+
+
+def runs_upward(sigmas: Tensor) -> bool:
+    """Whether a (checked) grid goes from data towards noise: an inversion."""
+    return bool(sigmas[-1] > sigmas[0])
 
 
 class SampleGenerators:
