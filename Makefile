@@ -1,11 +1,11 @@
-# make train | make test | make sample CKPT=... | make bench | make lint
+# make train | make test | make sample CKPT=... | make edit CKPT=... | make bench | make lint
 # Both create .venv and install fewstep with its dependencies when needed: a fresh machine needs only Python 3.11.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fewstep-installed
 
-.PHONY: install train test test-fast lint sample bench clean
+.PHONY: install train test test-fast lint sample edit bench clean
 
 install: $(STAMP)
 
@@ -20,6 +20,9 @@ train: $(STAMP)
 
 sample: $(STAMP)
 	$(PY) sample.py ckpt=$(CKPT) $(ARGS)
+
+edit: $(STAMP)
+	$(PY) edit.py ckpt=$(CKPT) $(ARGS)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

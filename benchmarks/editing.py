@@ -14,7 +14,11 @@ but not with 2,000-sample FIDs) and its digit accuracy against the true label:
   --repaint-n images as the reference, with its seconds per image;
 - SDEdit (strength 0.2-0.8, DPM-Solver++(2M), grids sized so the run takes 10 / 50 NFE): FID
   against RMSE to the input;
-- inversion round trip (invert, regenerate, RMSE to the input) against NFE for every ODE sampler.
+- inversion round trip (invert, regenerate, RMSE to the input) against NFE for every ODE sampler
+  (the first 32 images);
+- class edits (a class-conditional checkpoint): the validation 3s inverted with label 3 and
+  regenerated with label 8, with and without CFG, full and partial (strength 0.6) inversion: the
+  share the classifier calls 8, RMSE to the input.
 
 Models are run unconditionally (a conditional checkpoint with its null condition): the fill must come
 from the known pixels. Results go to OUT/results.json, OUT/inpainting.png, OUT/sdedit.png, OUT/inversion.png.
@@ -36,7 +40,7 @@ from fewstep.diffusion.sampling import CountingDenoiser, sample_seeds
 from fewstep.lit import load_model
 from fewstep.sample import build_scores
 from fewstep.samplers import SAMPLERS, SampleGenerators
-from fewstep.tasks import INVERTIBLE, inpaint, invert, make_masks, sdedit
+from fewstep.tasks import INVERTIBLE, edit, inpaint, invert, make_masks, sdedit
 
 BUDGETS = (5, 10, 20, 50)
 # RePaint cut to a budget: (DDPM steps, resamplings) with jump length 2
@@ -46,11 +50,11 @@ REPAINT_CUT = {10: (5, 2), 20: (10, 2), 50: (10, 5)}
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True)
-    parser.add_argument("--n", type=int, default=200)
-    parser.add_argument("--repaint-n", type=int, default=32)
+    parser.add_argument("--n", type=int, default=100)
+    parser.add_argument("--repaint-n", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=200)
     parser.add_argument("--out", default="logs/bench/editing")
-    parser.add_argument("--parts", default="inpaint,repaint,sdedit,invert")
+    parser.add_argument("--parts", default="inpaint,repaint,sdedit,invert,edit")
     parser.add_argument("--plot-only", action="store_true")
     args = parser.parse_args()
     out = Path(args.out)
@@ -181,7 +185,7 @@ def main() -> None:
                 results_path.write_text(json.dumps(results, indent=1))
 
     if "invert" in parts:
-        rows = all_rows[:64]
+        rows = all_rows[:32]
         for name in INVERTIBLE:
             for budget in BUDGETS:
                 if name == "heun" and budget < 3:
@@ -202,6 +206,37 @@ def main() -> None:
                 results[key] = {**evaluate(result, rows, None, fid=False), "nfe": nfe, "seconds_per_image": seconds}
                 print(key, json.dumps(results[key]), flush=True)
                 results_path.write_text(json.dumps(results, indent=1))
+    if "edit" in parts and model.hparams.num_classes:
+        source_label, target_label = 3, 8
+        threes = torch.tensor([i for i, v in enumerate(labels.tolist()) if v == source_label])
+        for name, steps in (("ddim", 10), ("dpmpp_2m", 10), ("dpmpp_2m", 20)):
+            for strength in (1.0, 0.6):
+                for scale in (1.0, 2.0):
+
+                    def edit_task(
+                        counter, image, batch, generator, name=name, steps=steps, strength=strength, scale=scale
+                    ):
+                        spec = model.sampler_spec(name, steps=steps)
+                        n = len(image)
+                        target = model.guidance(scale).wrap(counter)
+                        return edit(
+                            counter, image, spec.sigmas(model.schedule), source=model.condition(n, source_label),
+                            target=model.condition(n, target_label), strength=strength, sampler=name,
+                            target_denoiser=target, **spec.options,
+                        )  # fmt: skip
+
+                    result, nfe, seconds = run(edit_task, threes)
+                    with torch.no_grad():
+                        _, logits = classifier(result)
+                    key = f"edit/{name}/{steps}/{strength}/{scale}"
+                    results[key] = {
+                        **evaluate(result, threes, None, fid=False),
+                        "target_accuracy": float((logits.argmax(1) == target_label).float().mean()),
+                        "nfe": nfe,
+                        "seconds_per_image": seconds,
+                    }
+                    print(key, json.dumps(results[key]), flush=True)
+                    results_path.write_text(json.dumps(results, indent=1))
     plot(results, out)
 
 
