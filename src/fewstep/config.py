@@ -35,6 +35,8 @@ def wandb_offline() -> bool:
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("fewstep_wandb_offline"):
         OmegaConf.register_new_resolver("fewstep_wandb_offline", wandb_offline)
+    if not OmegaConf.has_resolver("fewstep_mul"):  # e.g. max_steps = rounds x steps per round
+        OmegaConf.register_new_resolver("fewstep_mul", lambda a, b: int(a) * int(b))
 
 
 def group_options(group: str, config_dir: Path = CONFIG_DIR) -> list[str]:

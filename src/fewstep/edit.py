@@ -23,9 +23,9 @@ from torch import Tensor
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
-from fewstep.diffusion.sampling import OPTIMIZED, CountingDenoiser, SamplerSpec, sample_seeds
+from fewstep.diffusion.sampling import OPTIMIZED, CountingDenoiser, sample_seeds
 from fewstep.lit import DiffusionModel, load_model
-from fewstep.sample import build_adherence, build_scores, pick_device
+from fewstep.sample import build_adherence, build_scores, choose_sampler, pick_device
 from fewstep.samplers import SampleGenerators, get_sampler
 from fewstep.tasks import MASKS, check_mask, edit, inpaint, invert, load_mask, make_masks, sdedit, start_index
 from fewstep.tasks.editing import check_invertible
@@ -150,7 +150,7 @@ def run_task(cfg: DictConfig) -> dict:
     device = pick_device(cfg.device)
     model = load_model(cfg.ckpt, map_location=device)
     model.eval()
-    spec = SamplerSpec.from_config(OmegaConf.to_container(cfg.sampler, resolve=True))
+    spec = model.sampler_spec(choose_sampler(cfg, model))
     guidance_cfg = OmegaConf.to_container(cfg.guidance, resolve=True) if cfg.get("guidance") else None
     guidance = model.guidance(guidance_cfg, cfg.ema)
     if task["name"] in ("invert",) and guidance.scale != 1:

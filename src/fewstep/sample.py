@@ -15,7 +15,6 @@ from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
-from fewstep.diffusion.sampling import SamplerSpec
 from fewstep.lit import DiffusionModel, load_model
 
 log = logging.getLogger(__name__)
@@ -69,6 +68,23 @@ def build_scores(cfg: DictConfig, model: DiffusionModel, device: torch.device): 
         is_splits=int(options.get("is_splits", 10)),
         seed=int(options.get("seed", 0)),
     )
+
+
+def sampler_overridden() -> bool:
+    """Whether the command line set the sampler (``sampler=...`` or ``sampler.key=...``)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return True
+    return any(o.lstrip("+~").split("=")[0].split(".")[0] == "sampler" for o in HydraConfig.get().overrides.task)
+
+
+def choose_sampler(cfg: DictConfig, model: DiffusionModel) -> dict[str, Any]:
+    """``cfg.sampler``; for a distilled student given no sampler on the command line, the one it was
+    trained for (DDIM at a progressive student's steps, consistency sampling)."""
+    if model.hparams.get("distillation") and not sampler_overridden():
+        return dict(model.hparams.sampler)
+    return OmegaConf.to_container(cfg.sampler, resolve=True)
 
 
 def conditions(cfg: DictConfig, model: DiffusionModel) -> tuple[int, dict[str, Any], int]:
@@ -136,8 +152,8 @@ def sample(cfg: DictConfig) -> dict:
     save_npz = bool(cfg.get("save_npz", True))
     device = pick_device(cfg.device)
     model = load_model(cfg.ckpt, map_location=device)
-    sampler_cfg = OmegaConf.to_container(cfg.sampler, resolve=True)
-    spec = SamplerSpec.from_config(sampler_cfg)
+    sampler_cfg = choose_sampler(cfg, model)
+    spec = model.sampler_spec(sampler_cfg)
     guidance_cfg = OmegaConf.to_container(cfg.guidance, resolve=True) if cfg.get("guidance") else None
     model.guidance(guidance_cfg)  # bad guidance input fails before anything is computed
     total, condition, row = conditions(cfg, model)

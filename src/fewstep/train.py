@@ -53,17 +53,77 @@ def build_model(cfg: DictConfig, datamodule: ImageDataModule) -> DiffusionModel:
             datamodule.setup("fit")
             text_encoder["vocab"] = WordTokenizer.build(datamodule.train_captions())
     guidance = OmegaConf.to_container(cfg.guidance, resolve=True) if cfg.get("guidance") else None
-    return DiffusionModel(
+    sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
+    teacher = None
+    if module.get("distillation"):
+        teacher = module["distillation"].get("teacher")
+        sampler = None  # the student's own: DDIM at its steps, or consistency sampling
+        if teacher:
+            architecture = teacher_architecture(teacher, datamodule, module)
+            model, schedule = {"net": architecture.pop("net")}, architecture.pop("schedule")
+            text_encoder = architecture.pop("text_encoder")
+            module.update(architecture)
+    built = DiffusionModel(
         image_size=datamodule.image_size,
         channels=datamodule.channels,
         net=model["net"],
-        sampler=OmegaConf.to_container(cfg.sampler, resolve=True),
+        sampler=sampler,
         guidance=guidance,
         text_encoder=text_encoder,
         data={k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k != "_target_"},
         **schedule,
         **module,
     )
+    if teacher:
+        init_from_teacher(built, teacher)
+    return built
+
+
+# What a student takes from its teacher: the network and everything its outputs depend on.
+TEACHER_KEYS = ("net", "prediction", "num_classes", "text_encoder", "clip_x0")
+SCHEDULE_KEYS = ("schedule", "beta_start", "beta_end", "num_timesteps", "cosine_s")
+
+
+def teacher_architecture(path: str, datamodule: ImageDataModule, module: dict) -> dict:
+    """The teacher's network, schedule and conditions, which the student inherits; one-line errors
+    when the data or the conditioning asked for differ from the teacher's."""
+    hp = load_checkpoint(path)["hyper_parameters"]
+    shape = (hp.get("channels"), hp.get("image_size"))
+    if shape != (datamodule.channels, datamodule.image_size):
+        raise ValueError(
+            f"teacher {path} was trained on {shape[0]}x{shape[1]}x{shape[1]} images but the data gives "
+            f"{datamodule.channels}x{datamodule.image_size}x{datamodule.image_size}: use the teacher's data config"
+        )
+    if hp.get("text_encoder") and not getattr(datamodule, "captions", False):
+        raise ValueError(
+            f"teacher {path} is a text-to-image model: give it its captioned data (e.g. data=mnist5k_captions)"
+        )
+    asked = module.get("num_classes")
+    if asked is not None and asked != hp.get("num_classes"):
+        raise ValueError(
+            f"module.num_classes={asked} but teacher {path} was trained with num_classes={hp.get('num_classes')}: "
+            "a student has its teacher's conditions; drop module.num_classes"
+        )
+    return {
+        **{k: hp.get(k) for k in TEACHER_KEYS},
+        "schedule": {k: hp[k] for k in SCHEDULE_KEYS if k in hp},
+    }
+
+
+def init_from_teacher(student: DiffusionModel, path: str) -> None:
+    """The student starts from the teacher's EMA weights (its network, EMA, target and text encoder)."""
+    from fewstep.lit import load_model
+
+    teacher = load_model(path)
+    weights = teacher.sampling_net().state_dict()
+    student.net.load_state_dict(weights)
+    for replica in (student.ema.module if student.ema is not None else None, getattr(student, "target_net", None)):
+        if replica is not None:
+            replica.load_state_dict(weights)
+    if teacher.text_encoder is not None and student.text_encoder is not None:
+        student.text_encoder.load_state_dict(teacher.text_encoder.state_dict())
+        if student.ema_text is not None:
+            student.ema_text.module.load_state_dict(teacher.text_encoder.state_dict())
 
 
 def instantiate_all(group: DictConfig | None) -> list[Any]:

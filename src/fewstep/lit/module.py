@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
+import logging
 import random
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -26,7 +28,9 @@ from fewstep.diffusion.sampling import (
     iter_generate,
     optimized_sigmas,
 )
+from fewstep.distill.training import Distiller, check_distillation
 
+log = logging.getLogger(__name__)
 DEFAULT_NET = {
     "_target_": "fewstep.nn.UNet",
     "base_channels": 32,
@@ -108,6 +112,9 @@ class DiffusionModel(L.LightningModule):
         cond_dropout: probability of replacing a condition by the null one (label ``num_classes``,
             the empty prompt) in training, for classifier-free guidance (Ho & Salimans 2022).
         data: the data config the model was trained on (``conf/data``), kept for evaluation.
+        distillation: train a few-step student of a teacher checkpoint instead of a diffusion model
+            (:mod:`fewstep.distill`): ``method`` progressive | consistency, ``teacher`` and the
+            method's options. Its default sampler is the student's (DDIM at its steps, consistency).
     """
 
     def __init__(
@@ -137,11 +144,15 @@ class DiffusionModel(L.LightningModule):
         cond_dropout: float = 0.1,
         label_dropout: float | None = None,
         data: Mapping[str, Any] | None = None,
+        distillation: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if net is not None and unet is not None:
             raise ValueError("give the network as net (a _target_ config) or unet (U-Net options), not both")
         net = _plain(dict(net)) if net is not None else {**DEFAULT_NET, **_plain(dict(unet or {}))}
+        distillation = check_distillation(_plain(dict(distillation))) if distillation else None
+        if sampler is None and distillation is not None:
+            sampler = Distiller.student_sampler(distillation)
         sampler = dict(sampler) if sampler and "name" in sampler else {**DEFAULT_SAMPLER, **dict(sampler or {})}
         guidance = {**NO_GUIDANCE, **dict(guidance or {})}
         if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):
@@ -174,6 +185,7 @@ class DiffusionModel(L.LightningModule):
                 "text_encoder": _plain(dict(text_encoder)) if text_encoder else None,
                 "cond_dropout": cond_dropout,
                 "data": _plain(dict(data)) if data else None,
+                "distillation": distillation,
             }
         )
         if schedule == "linear":
@@ -211,6 +223,10 @@ class DiffusionModel(L.LightningModule):
                     self.text_encoder, multi_avg_fn=ema_with_warmup(ema_decay), use_buffers=True
                 )
                 self.ema_text.requires_grad_(False)
+        self.distiller = Distiller(distillation, self.schedule, self.parameterisation) if distillation else None
+        if self.distiller is not None and self.distiller.method != "progressive":
+            # the target network of consistency distillation: an EMA of the student, saved with it
+            self.target_net = copy.deepcopy(self.net).requires_grad_(False)
         # Set by load_model: where optimized grids of this checkpoint are cached, and its identity.
         self.sigmas_cache: Path | None = None
         self.checkpoint_id: str | None = None
@@ -296,7 +312,10 @@ class DiffusionModel(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x0 = batch[0]
         cond = self.condition_from_batch(batch, dropout=self.hparams.cond_dropout)
-        loss = self.parameterisation.loss(self.net, x0, cond)
+        if self.distiller is not None:
+            loss = self.distiller.loss(self, x0, cond)
+        else:
+            loss = self.parameterisation.loss(self.net, x0, cond)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"the training loss became {loss.item()} at step {self.global_step}: lower module.lr "
@@ -312,12 +331,17 @@ class DiffusionModel(L.LightningModule):
             self.ema.update_parameters(self.net)
         if self.ema_text is not None:
             self.ema_text.update_parameters(self.text_encoder)
+        if self.distiller is not None:
+            self.distiller.after_step(self)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         # A fixed generator makes the validation loss comparable across epochs.
         generator = torch.Generator(self.device).manual_seed(batch_idx)
         cond = self.condition_from_batch(batch, use_ema=True)
-        loss = self.parameterisation.loss(self.sampling_net(), batch[0], cond, generator=generator)
+        if self.distiller is not None:
+            loss = self.distiller.loss(self, batch[0], cond, generator=generator, training=False)
+        else:
+            loss = self.parameterisation.loss(self.sampling_net(), batch[0], cond, generator=generator)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch[0]))
 
     def configure_optimizers(self) -> Any:
@@ -339,6 +363,8 @@ class DiffusionModel(L.LightningModule):
             "python": _plain(random.getstate()),
             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
         }
+        if self.distiller is not None:
+            checkpoint["distillation_state"] = self.distiller.state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_architecture(checkpoint.get("hyper_parameters", {}), dict(self.hparams))
@@ -346,6 +372,8 @@ class DiffusionModel(L.LightningModule):
         # data loaders are iterated, which is where the uninterrupted run was when it saved.
         if self._trainer is not None and checkpoint.get("rng_states"):
             restore_rng_states(checkpoint["rng_states"])
+        if self.distiller is not None and checkpoint.get("distillation_state"):
+            self.distiller.load_state(checkpoint["distillation_state"], self)
 
     # ----------------------------------------------------------------------------- sampling
     def sampling_net(self) -> nn.Module:
@@ -354,7 +382,8 @@ class DiffusionModel(L.LightningModule):
 
     def denoiser(self, use_ema: bool = True) -> Denoiser:
         net = self.sampling_net() if use_ema else self.net
-        return Denoiser(net, self.parameterisation, clip_x0=self.hparams.clip_x0)
+        denoiser = Denoiser(net, self.parameterisation, clip_x0=self.hparams.clip_x0)
+        return self.distiller.wrap(denoiser) if self.distiller is not None else denoiser
 
     def guidance(self, config: Mapping[str, Any] | float | None = None, use_ema: bool = True) -> Guidance:
         """The :class:`Guidance` of a ``conf/guidance`` config (or a scale); ``None``: the model's default."""
@@ -380,7 +409,31 @@ class DiffusionModel(L.LightningModule):
             base = dict(self.hparams.sampler) if same else sampler_config(sampler)
         else:
             base = dict(sampler or self.hparams.sampler)
-        return SamplerSpec.from_config(base, **overrides)
+        spec = SamplerSpec.from_config(base, **overrides)
+        self.check_student_sampler(spec)
+        return spec
+
+    def check_student_sampler(self, spec: SamplerSpec) -> None:
+        """Consistency sampling only for a consistency student; a warning for a student sampled
+        otherwise than it was trained for."""
+        method = (self.hparams.get("distillation") or {}).get("method")
+        consistency = method in ("consistency", "consistency_training")
+        if spec.name == "consistency" and not consistency:
+            raise ValueError(
+                f"sampler=consistency needs a consistency-distilled checkpoint; this is a {method or 'diffusion'} "
+                "model: use one of the diffusion samplers (e.g. sampler=dpmpp_2m)"
+            )
+        trained = self.hparams.sampler
+        if consistency and spec.name != "consistency":
+            log.warning("a consistency student was not trained for sampler=%s: use sampler=consistency", spec.name)
+        elif method == "progressive" and (spec.name, spec.steps) != (trained["name"], trained["steps"]):
+            log.warning(
+                "this progressive student was trained for %s with %d steps, not %s with %d",
+                trained["name"],
+                trained["steps"],
+                spec.name,
+                spec.steps,
+            )
 
     @torch.no_grad()
     def sample_batches(
