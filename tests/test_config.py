@@ -66,6 +66,10 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
         datamodule.image_size = 16  # keep the network small: this test is about composition
     else:
         datamodule = ImageDataModule(image_size=16)
+    if option.startswith("distill_"):  # students need teacher=PATH (trained with one in test_distill_cli.py)
+        with pytest.raises(ValueError, match="needs a teacher: teacher=PATH"):
+            build_model(cfg, datamodule)
+        return
     if group == "model":
         model = build_model(cfg, ImageDataModule(image_size=32))
     else:

@@ -202,6 +202,9 @@ class DiffusionModel(L.LightningModule):
             raise ValueError(f"module.{err}") from None
         SamplerSpec.from_config(sampler)  # validate the sampler config now, not after training
         self.text_encoder: nn.Module | None = build_module(text_encoder, "text_encoder") if text_encoder else None
+        if distillation is not None and self.text_encoder is not None:
+            # a student reads prompts with its teacher's (copied, frozen) encoder: both see the same condition
+            self.text_encoder.requires_grad_(False)
         context_dim = int(self.text_encoder.dim) if self.text_encoder is not None else None
         self.net = build_module(
             net,
