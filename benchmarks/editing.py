@@ -242,6 +242,7 @@ def main() -> None:
 
 def plot(results: dict, out: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -252,27 +253,32 @@ def plot(results: dict, out: Path) -> None:
     kinds = sorted({k[1] for k in inpaint_keys})
     methods = sorted({k[2] for k in inpaint_keys})
     if kinds:
-        fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 3.4), squeeze=False)
-        for ax, kind in zip(axes[0], kinds, strict=True):
-            for method in methods:
-                points = sorted(
-                    (
-                        results[f"inpaint/{kind}/{method}/{b}"]["nfe"],
-                        results[f"inpaint/{kind}/{method}/{b}"]["accuracy"],
+        fig, axes = plt.subplots(2, len(kinds), figsize=(4.2 * len(kinds), 6.2), squeeze=False)
+        for column, kind in enumerate(kinds):
+            for row, metric in enumerate(("rmse", "accuracy")):
+                ax = axes[row][column]
+                for method in methods:
+                    keys = [
+                        f"inpaint/{kind}/{method}/{b}" for b in BUDGETS if f"inpaint/{kind}/{method}/{b}" in results
+                    ]
+                    points = sorted((results[k]["nfe"], results[k][metric]) for k in keys)
+                    ax.plot(*zip(*points, strict=True), marker="o", label=method)
+                ref = results.get(f"inpaint/{kind}/repaint_paper/2500")
+                if ref:
+                    ax.axhline(
+                        ref[metric], color="grey", ls="--", label=f"RePaint 250x10 ({ref['nfe']:g} NFE, n={ref['n']})"
                     )
-                    for b in BUDGETS
-                    if f"inpaint/{kind}/{method}/{b}" in results
+                ax.set_xscale("log")
+                ax.set_xticks(BUDGETS, [str(b) for b in BUDGETS])
+                ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+                ax.set(
+                    xlabel="network evaluations", ylabel="RMSE of the filled pixels" if row == 0 else "digit accuracy"
                 )
-                ax.plot(*zip(*points, strict=True), marker="o", label=method)
-            ref = results.get(f"inpaint/{kind}/repaint_paper/2500")
-            if ref:
-                ax.axhline(ref["accuracy"], color="grey", ls="--", label=f"RePaint 250x10 ({ref['nfe']:g} NFE)")
-            ax.set(
-                xscale="log", xlabel="network evaluations", ylabel="digit accuracy of the result", title=f"mask: {kind}"
-            )
+                if row == 0:
+                    ax.set_title(f"mask: {kind}")
         axes[0][0].legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(out / "inpainting.png", dpi=120)
+        fig.savefig(out / "inpainting.png", dpi=110)
     sd = [k.split("/") for k in results if k.startswith("sdedit/")]
     if sd:
         fig, ax = plt.subplots(figsize=(4.5, 3.4))
