@@ -128,10 +128,10 @@ class Distiller:
             self._teacher.requires_grad_(False)
         teacher = self._teacher.to(module.device).eval()
         if self.teacher_net is not None:
-            net = self.teacher_net.to(module.device).eval()
-            denoiser = Denoiser(net, teacher.parameterisation, clip_x0=None)
-        else:
-            denoiser = Denoiser(teacher.sampling_net(), teacher.parameterisation, clip_x0=None)
+            # a later round's teacher is the last student, which already learned the guided teacher:
+            # guiding it again would compound the guidance (Meng et al. 2023 guide only the first stage)
+            return Denoiser(self.teacher_net.to(module.device).eval(), teacher.parameterisation, clip_x0=None)
+        denoiser = Denoiser(teacher.sampling_net(), teacher.parameterisation, clip_x0=None)
         return teacher.guidance(float(self.config["guidance_scale"])).wrap(denoiser)
 
     # ------------------------------------------------------------------------------ training

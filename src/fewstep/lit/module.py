@@ -113,8 +113,8 @@ class DiffusionModel(L.LightningModule):
             the empty prompt) in training, for classifier-free guidance (Ho & Salimans 2022).
         data: the data config the model was trained on (``conf/data``), kept for evaluation.
         distillation: train a few-step student of a teacher checkpoint instead of a diffusion model
-            (:mod:`fewstep.distill`): ``method`` progressive | consistency, ``teacher`` and the
-            method's options. Its default sampler is the student's (DDIM at its steps, consistency).
+            (:mod:`fewstep.distill`): ``method`` progressive | consistency | consistency_training, ``teacher``,
+            the method's options. Its default sampler is the student's (DDIM at its steps, consistency).
     """
 
     def __init__(
