@@ -3,8 +3,8 @@
     python benchmarks/distillation.py --teacher T.ckpt --progressive RUN_DIR --consistency RUN_DIR \
         [--n 2000] [--ddpm-n 0] [--out logs/bench/distillation]
 
-Every row draws ``--n`` samples with the same seed (labels drawn uniformly for a class-conditional
-teacher, the same labels in every row) and scores them with the fewstep classifier's features (FID
+Every row draws ``--n`` samples with the same seed, without guidance (labels drawn uniformly for a
+class-conditional teacher, the same labels in every row) and scores them with the fewstep classifier's features (FID
 against the training set). Rows: the teacher with dpmpp_2m (Karras) at 10 NFE and with DDIM at the
 progressive teacher's steps; each progressive round's student (``round-*.ckpt``) with DDIM at its
 steps; the consistency student (``last.ckpt``) with 1, 2 and 4 consistency steps; with
@@ -48,7 +48,8 @@ def main() -> None:
         k = model.hparams.num_classes
         labels = torch.randint(k, (n,), generator=torch.Generator().manual_seed(0)) if k else None
         start = time.perf_counter()
-        result = model.sample(n, seed=0, y=labels, batch_size=250, return_result=True, **sample_kwargs)
+        # no guidance in any row: the students learned the unguided teacher (guidance_scale 1)
+        result = model.sample(n, seed=0, y=labels, batch_size=250, guidance=1.0, return_result=True, **sample_kwargs)
         seconds = time.perf_counter() - start
         scores.reset()
         scores.update(result.images)

@@ -104,6 +104,12 @@ def teacher_architecture(path: str, datamodule: ImageDataModule, module: dict) -
             f"module.num_classes={asked} but teacher {path} was trained with num_classes={hp.get('num_classes')}: "
             "a student has its teacher's conditions; drop module.num_classes"
         )
+    if hp.get("prediction") == "eps":
+        log.warning(
+            "teacher %s predicts eps: a student that predicts eps degrades below ~4 steps (x0 = x - sigma eps "
+            "magnifies its error by sigma_max; Salimans & Ho 2022, Sec. 4); train teachers with module.prediction=v",
+            path,
+        )
     return {
         **{k: hp.get(k) for k in TEACHER_KEYS},
         "schedule": {k: hp[k] for k in SCHEDULE_KEYS if k in hp},

@@ -127,11 +127,14 @@ class Distiller:
                 self._teacher = load_model(self.config["teacher"], map_location=module.device)
             self._teacher.requires_grad_(False)
         teacher = self._teacher.to(module.device).eval()
+        # The teacher denoises as it samples best, with its x0 clipping: an unclipped eps-model leaves
+        # speckle noise after a few DDIM steps, which a student would learn to reproduce.
+        clip = teacher.hparams.clip_x0
         if self.teacher_net is not None:
             # a later round's teacher is the last student, which already learned the guided teacher:
             # guiding it again would compound the guidance (Meng et al. 2023 guide only the first stage)
-            return Denoiser(self.teacher_net.to(module.device).eval(), teacher.parameterisation, clip_x0=None)
-        denoiser = Denoiser(teacher.sampling_net(), teacher.parameterisation, clip_x0=None)
+            return Denoiser(self.teacher_net.to(module.device).eval(), teacher.parameterisation, clip_x0=clip)
+        denoiser = Denoiser(teacher.sampling_net(), teacher.parameterisation, clip_x0=clip)
         return teacher.guidance(float(self.config["guidance_scale"])).wrap(denoiser)
 
     # ------------------------------------------------------------------------------ training
