@@ -95,7 +95,8 @@ def plot(results: dict, out: Path) -> None:
     for nfe, fid, name in groups["teacher"]:
         ax.plot([nfe], [fid], "k*", markersize=9)
         ax.annotate(name.replace("teacher ", ""), (nfe, fid), fontsize=7, xytext=(4, 4), textcoords="offset points")
-    ax.set(xscale="log", xlabel="network evaluations", ylabel="FID (classifier features)", title="students vs teacher")
+    ax.set(xscale="log", yscale="log", xlabel="network evaluations", ylabel="FID (classifier features)")
+    ax.set_title("students vs teacher")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "fid_vs_nfe.png", dpi=120)
