@@ -145,3 +145,15 @@ def test_consistency_function_boundary():
 def test_bad_distillation_config(config, message):
     with pytest.raises(ValueError, match=message):
         check_distillation(config)
+
+
+def test_consistency_training_needs_no_teacher():
+    """method=consistency_training: the lower point is x0 + sigma_n z with the same z (no ODE step)."""
+    distill = ConsistencyDistillation(0.002, 20.0, total_steps=10)
+    net = MLPDenoiser()
+    student = ConsistencyFunction(net, 0.002)
+    target = ConsistencyFunction(copy.deepcopy(net).requires_grad_(False), 0.002)
+    loss = distill.loss(student, target, None, GMM.sample(64).float(), step=0)
+    loss.backward()
+    assert torch.isfinite(loss) and float(loss) > 0
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in net.parameters())
