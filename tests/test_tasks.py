@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from gmm import Gaussian, GaussianMixture
+from test_samplers import rms
 
 from fewstep.diffusion.sampling import CountingDenoiser
 from fewstep.samplers import SAMPLERS, SampleGenerators
@@ -23,10 +24,6 @@ TABLE = torch.ones(1000)  # karras() only checks steps against the table length
 def karras_grid(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0) -> torch.Tensor:
     sigmas = karras(TABLE, steps, sigma_min=sigma_min, sigma_max=sigma_max)
     return torch.cat([sigmas, sigmas.new_zeros(1)]).double()
-
-
-def rms(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).pow(2).flatten(1).sum(1).mean().sqrt())
 
 
 @pytest.fixture(scope="module", autouse=True)

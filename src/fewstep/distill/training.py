@@ -71,6 +71,7 @@ class Distiller:
         self.schedule, self.parameterisation = schedule, parameterisation
         self.teacher_net: nn.Module | None = None  # a later progressive round's teacher (the last student)
         self._teacher: Any = None  # the loaded teacher DiffusionModel (round 1)
+        self._denoiser: tuple[Any, Any] | None = None  # ((round, device), the teacher's denoiser)
         self.round, self.steps_in_round = 0, 0
         if self.method == "progressive":
             self.objective: Any = ProgressiveDistillation(schedule, self.student_steps)
@@ -114,9 +115,15 @@ class Distiller:
 
     # ------------------------------------------------------------------------------ the teacher
     def teacher(self, module: Any) -> Any:
-        """The teacher's denoiser (guided when ``guidance_scale != 1``), on the module's device."""
+        """The teacher's denoiser (guided when ``guidance_scale != 1``), on the module's device; built
+        once per round (it is asked for at every training step)."""
         if self.config["teacher"] is None:
             return None
+        if self._denoiser is None or self._denoiser[0] != (self.round, module.device):
+            self._denoiser = ((self.round, module.device), self._build_teacher(module))
+        return self._denoiser[1]
+
+    def _build_teacher(self, module: Any) -> Any:
         if self._teacher is None:
             from fewstep.lit.checkpoint import load_model
 
@@ -195,6 +202,7 @@ class Distiller:
         self.round, self.steps_in_round = int(state["round"]), int(state["steps_in_round"])
         if self.method == "progressive":
             self.objective = ProgressiveDistillation(self.schedule, self.student_steps)
+        self._denoiser = None
         if "teacher_net" in state:
             self.teacher_net = copy.deepcopy(module.net).requires_grad_(False)
             self.teacher_net.load_state_dict(state["teacher_net"])
