@@ -56,3 +56,13 @@ def trained_run(tmp_path_factory) -> Path:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of thousands of tiny tensor ops (exact-solution tests): a second thread only adds
+    synchronisation, worst on a busy machine. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

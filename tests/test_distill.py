@@ -49,13 +49,12 @@ def energy_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(2 * torch.cdist(a, b).mean() - torch.cdist(a, a).mean() - torch.cdist(b, b).mean())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def seeded_one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    torch.manual_seed(0)  # the MLP students' initial weights
 
 
 def test_one_progressive_round_matches_two_teacher_steps_on_held_out_noise():

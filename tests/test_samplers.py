@@ -35,13 +35,7 @@ def rms(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).pow(2).flatten(1).sum(1).mean().sqrt())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Thousands of tiny tensor ops: a second thread only adds synchronisation, worst on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

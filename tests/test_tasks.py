@@ -26,12 +26,7 @@ def karras_grid(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0) -
     return torch.cat([sigmas, sigmas.new_zeros(1)]).double()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------ inpainting
