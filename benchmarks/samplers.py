@@ -24,13 +24,13 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the Gaussian mixture and its exact ODE solution
 
 from gmm import GaussianMixture, ode_reference  # noqa: E402
 
+from fewstep.config import sampler_config  # noqa: E402
 from fewstep.diffusion.sampling import CountingDenoiser as Counting  # noqa: E402
 from fewstep.diffusion.schedules import LinearSchedule  # noqa: E402
 from fewstep.samplers import SAMPLERS  # noqa: E402
@@ -42,7 +42,7 @@ NFES = (5, 10, 20, 50)
 
 def config(name: str) -> tuple[str, dict, dict]:
     """(spacing, spacing options, sampler options) from conf/sampler/NAME.yaml."""
-    cfg = yaml.safe_load((ROOT / "conf" / "sampler" / f"{name}.yaml").read_text())
+    cfg = sampler_config(name)
     spacing_options = {k: cfg[k] for k in ("rho", "sigma_min", "sigma_max") if cfg.get(k) is not None}
     return cfg["spacing"], spacing_options, {k: v for k, v in cfg.items() if k not in GRID_KEYS}
 

@@ -22,6 +22,7 @@ from fewstep.samplers.spacing import karras
 
 CONF = Path(__file__).resolve().parents[1] / "src" / "fewstep" / "conf" / "sampler"
 GRID_KEYS = {"name", "steps", "spacing", "rho", "sigma_min", "sigma_max"}  # read by the caller
+CONTRACT = {"denoiser", "x", "sigmas", "generator", "callback", "cond"}
 SIGMA_MAX, SIGMA_MIN = 20.0, 0.01
 TABLE = torch.ones(1000)  # karras() only checks steps against the table length
 
@@ -64,12 +65,12 @@ ORDER_CASES = [
     ("unipc", {"order": 3}, [32, 64, 128], 4),
     ("unipc", {"order": 2, "corrector": False}, [32, 64, 128], 2),
     ("ipndm", {"order": 1}, [16, 32, 64], 1),
-    ("ipndm", {"order": 2}, [32, 64, 128], 2),
-    ("ipndm", {"order": 3}, [64, 128, 256], 3),
+    ("ipndm", {"order": 2, "variable_step": True}, [32, 64, 128], 2),
+    ("ipndm", {"order": 3, "variable_step": True}, [64, 128, 256], 3),
     # Its Euler/AB2/AB3 warm-up caps the asymptotic order (local error h^2 in step 1), but at
     # sigma_max the path is nearly straight, so that term stays small over practical step counts.
-    ("ipndm", {"order": 4}, [64, 128, 256], (3.3, 4.35)),
-    ("ipndm", {"order": 4, "variable_step": False}, [32, 64, 128], 2),
+    ("ipndm", {"order": 4, "variable_step": True}, [64, 128, 256], (3.3, 4.35)),
+    ("ipndm", {"order": 4}, [32, 64, 128], 2),
 ]
 
 
@@ -233,6 +234,10 @@ def test_every_sampler_has_a_config_and_back():
         params = inspect.signature(SAMPLERS[path.stem]).parameters
         unknown = set(config) - GRID_KEYS - set(params)
         assert not unknown, f"{path.name}: options {unknown} are not parameters of the sampler"
+        # One source of truth: the function called by name, DiffusionModel.sample("name") (which reads
+        # this file) and the CLI all run the same options; the file lists every one of them.
+        options = {name: p.default for name, p in params.items() if name not in CONTRACT | {"stats"}}  # stats: out
+        assert {k: v for k, v in config.items() if k not in GRID_KEYS} == options, path.name
         grid_options = {k: config[k] for k in ("rho", "sigma_min", "sigma_max") if k in config}
         assert len(make_sigmas(SCHEDULE.train_sigmas, config["steps"], config["spacing"], **grid_options)) == (
             config["steps"] + 1

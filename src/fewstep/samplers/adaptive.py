@@ -41,8 +41,8 @@ def sample_ode_rk45(
     generator: torch.Generator | None = None,
     callback: Callable[[dict], None] | None = None,
     cond: dict | None = None,
-    rtol: float = 1e-3,
-    atol: float = 1e-3,
+    rtol: float = 1e-4,
+    atol: float = 1e-4,
     max_nfe: int = 10_000,
     stats: dict | None = None,
 ) -> Tensor:

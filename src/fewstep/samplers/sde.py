@@ -159,7 +159,7 @@ def sample_annealed_langevin(
     generator: torch.Generator | None = None,
     callback: Callable[[dict], None] | None = None,
     cond: dict | None = None,
-    n_steps_each: int = 100,
+    n_steps_each: int = 10,
     step_lr: float = 2e-5,
     denoise_to_zero: bool = True,
 ) -> Tensor:
