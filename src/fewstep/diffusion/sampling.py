@@ -3,7 +3,7 @@
 A sampler config is flat (``conf/sampler/NAME.yaml``): ``name``, ``steps``, ``spacing``, the
 spacing's options and ``dynamic_threshold`` are read here, every other key goes to the sampler
 function as an option. ``spacing: optimized`` tunes the grid to the model (see
-:func:`optimized_sigmas`).
+:func:`optimized_sigmas`), ``sampler: learned`` its step weights (:func:`learned_coefficients`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,7 +24,8 @@ from fewstep.diffusion.guidance import ClassifierFreeGuidance
 from fewstep.diffusion.schedules import Schedule
 from fewstep.diffusion.thresholding import DynamicThreshold
 from fewstep.samplers import SPACINGS, SampleGenerators, get_sampler
-from fewstep.samplers.optimize import load_or_optimize, optimize_sigmas
+from fewstep.samplers.learned import fit_coefficients
+from fewstep.samplers.optimize import load_or_compute, load_or_optimize, optimize_sigmas
 
 SPACING_OPTIONS = ("rho", "sigma_min", "sigma_max")
 OPTIMIZED = "optimized"
@@ -122,6 +124,47 @@ def optimized_sigmas(
         "batch_size": batch_size,
     }
     return load_or_optimize(cache_path, key, compute)
+
+
+def learned_coefficients(
+    denoiser: Callable[..., Tensor],
+    spec: SamplerSpec,
+    sigmas: Tensor,
+    shape: tuple[int, ...],
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 64,
+    cond: Mapping | None = None,
+    cache_path: str | Path | None = None,
+    cache_key: Mapping | None = None,
+) -> list[list[float]]:
+    """``sampler=learned``'s weights for this model and grid (:func:`fewstep.samplers.learned.fit_coefficients`,
+    on a fixed batch of ``batch_size`` noises), stored in the JSON file ``cache_path`` under
+    ``cache_key`` (which must identify the weights) plus the grid and options: computed once."""
+    history = int(spec.options.get("history", 3))
+    steps = len(sigmas) - 1
+
+    def compute() -> list[list[float]]:
+        noise = torch.randn((batch_size, *shape), generator=torch.Generator().manual_seed(0)).to(device)
+        batch_cond = {k: v[:batch_size] for k, v in (cond or {}).items()}
+        return fit_coefficients(spec.wrap(denoiser), noise, sigmas, history=history, cond=batch_cond)
+
+    if cache_path is None:
+        return compute()
+
+    def valid(value: Any) -> bool:
+        return len(value) == steps and all(len(w) == history and all(math.isfinite(v) for v in w) for w in value)
+
+    key = {
+        **dict(cache_key or {}),
+        "kind": "learned_coefficients",
+        "sigmas": [float(v) for v in sigmas.tolist()],
+        "history": history,
+        "dynamic_threshold": spec.dynamic_threshold,
+        "shape": list(shape),
+        "batch_size": batch_size,
+    }
+    return load_or_compute(cache_path, key, compute, valid=valid)
 
 
 class CountingDenoiser:

@@ -17,8 +17,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -104,23 +106,60 @@ def optimize_sigmas(
     return torch.tensor([*levels, 0.0], dtype=torch.float64)
 
 
-def load_or_optimize(cache_path: str | Path, key: dict, compute: Callable[[], Tensor]) -> Tensor:
-    """The grid cached under ``key`` in the JSON file ``cache_path``, or ``compute()`` stored there.
+def load_or_compute(
+    cache_path: str | Path,
+    key: dict,
+    compute: Callable[[], Any],
+    *,
+    valid: Callable[[Any], bool] = lambda value: True,
+) -> Any:
+    """The JSON value cached under ``key`` in the file ``cache_path``, or ``compute()`` stored there.
 
-    ``key`` should name everything the grid depends on (checkpoint, sampler, options, steps, end
-    points, ...); it is compared after a JSON round trip, so tuples and lists match. The file is
-    a list of ``{"key": ..., "sigmas": [...]}`` records, rewritten atomically on every addition.
+    ``key`` should name everything the value depends on (checkpoint, sampler, options, steps, end
+    points, ...); it is compared after a JSON round trip, so tuples and lists match. The file is a
+    list of ``{"key": ..., "value": ...}`` records, rewritten atomically (temporary file + rename) on
+    every addition, so a crash never leaves half a file. An unreadable file, or an entry that
+    ``valid`` rejects (stale, edited by hand), is ignored with a warning and recomputed.
     """
     path = Path(cache_path)
-    key = json.loads(json.dumps(key, sort_keys=True))
-    records = json.loads(path.read_text()) if path.exists() else []
+    key = json.loads(json.dumps(key, sort_keys=True, default=str))
+    records: list = []
+    if path.exists():
+        try:
+            records = json.loads(path.read_text())
+            if not isinstance(records, list) or not all(isinstance(r, dict) and "key" in r for r in records):
+                raise ValueError("not a list of {key, value} records")
+        except (ValueError, OSError) as err:
+            warnings.warn(f"ignoring the unreadable cache {path} ({err}); recomputing", stacklevel=2)
+            records = []
     for record in records:
         if record["key"] == key:
-            return torch.tensor(record["sigmas"], dtype=torch.float64)
-    sigmas = compute().double().cpu()
-    records.append({"key": key, "sigmas": sigmas.tolist()})
+            value = record.get("value", record.get("sigmas"))  # "sigmas": files of older fewstep versions
+            try:
+                ok = valid(value)
+            except (TypeError, ValueError, IndexError):
+                ok = False
+            if ok:
+                return value
+            warnings.warn(f"ignoring an invalid entry of the cache {path}; recomputing it", stacklevel=2)
+            records.remove(record)
+            break
+    value = compute()
+    records.append({"key": key, "value": value})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(records, indent=1, sort_keys=True))
     os.replace(tmp, path)
-    return sigmas
+    return value
+
+
+def load_or_optimize(cache_path: str | Path, key: dict, compute: Callable[[], Tensor]) -> Tensor:
+    """The grid cached under ``key`` (:func:`load_or_compute`), or ``compute()`` stored there; an
+    entry that is no grid (not decreasing, not ending in 0) is recomputed."""
+
+    def valid(value: Any) -> bool:
+        grid = torch.tensor(value, dtype=torch.float64)
+        return grid.ndim == 1 and len(grid) >= 2 and float(grid[-1]) == 0 and bool((grid[:-1] > grid[1:]).all())
+
+    value = load_or_compute(cache_path, key, lambda: compute().double().cpu().tolist(), valid=valid)
+    return torch.tensor(value, dtype=torch.float64)

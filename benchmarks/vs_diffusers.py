@@ -1,0 +1,366 @@
+"""fewstep's samplers against diffusers' schedulers: the same network, the same noise, the same ODE.
+
+    pip install diffusers                                  # benchmark-only; fewstep never imports it
+    python benchmarks/vs_diffusers.py                      # the exact Gaussian mixture (784-d), ~5 min
+    python benchmarks/vs_diffusers.py --ckpt A.ckpt --ckpt B.ckpt --n 32   # + trained networks
+    python benchmarks/vs_diffusers.py --quick              # smoke run (64-d mixture, 2 budgets)
+
+Every diffusers scheduler gets the *same* function of (x_t, t) that fewstep's samplers get, as an
+eps-prediction model: ``eps(x_vp, t) = (x - D(x, sigma)) / sigma`` with ``sigma = sigma(t)`` (log-linear
+in t between training steps, the rule both libraries use for fractional timesteps) and
+``x = x_vp sqrt(1 + sigma^2)``, and the training betas themselves (``trained_betas``), so both solve the
+one probability-flow ODE of D. Every run starts from the same point, ``x = noise * sigma_max`` at the
+noisiest training level (a VP scheduler gets ``x / sqrt(1 + sigma_max^2)``), and every network call is
+counted (PNDM/PLMS spends one more than its steps; Heun two per step but the last).
+
+Error: RMS over all pixels (data units) of the distance to a converged solution of the same ODE:
+for the mixture, scipy's DOP853 at rtol 1e-11 (its distance to the rtol 1e-8 solution is printed);
+for a network, fewstep's adaptive ``ode_rk45`` at tolerance 1e-6 (its distance to the 1e-5 solution
+is printed). A scheduler ending at the smallest training level instead of 0 (DEIS) is measured as
+it is: that is the image a user gets.
+
+diffusers' configurations: every documented ``timestep_spacing`` (leading, linspace, trailing) and
+``use_karras_sigmas`` where offered; each scheduler's best is reported per budget (an oracle choice
+in its favour). fewstep: each sampler with its packaged defaults and the spacing variants listed in
+``FEWSTEP``, and ``sampler=learned`` (step weights fitted to the model, ``--learned`` grids; ``optimized``
+searches the grid first) fitted on *another* batch of noise than the one scored. Results go to a JSON
+file and a plot (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the Gaussian mixture and its exact ODE solution
+
+from gmm import GaussianMixture, ode_reference  # noqa: E402
+
+from fewstep.config import sampler_config  # noqa: E402
+from fewstep.diffusion.sampling import CountingDenoiser  # noqa: E402
+from fewstep.diffusion.schedules import LinearSchedule, Schedule  # noqa: E402
+from fewstep.samplers import SAMPLERS  # noqa: E402
+from fewstep.samplers.learned import fit_coefficients  # noqa: E402
+from fewstep.samplers.optimize import optimize_sigmas  # noqa: E402
+from fewstep.samplers.spacing import t_to_sigma  # noqa: E402
+
+NFES = (4, 5, 6, 8, 10, 15, 20)
+GRID_KEYS = ("name", "steps", "spacing", "rho", "sigma_min", "sigma_max")
+
+# diffusers: (label, class name, constructor options, calls(steps), steps(nfe))
+ONE_PER_STEP = (lambda s: s, lambda n: n)
+DIFFUSERS = [
+    ("DDIM", "DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": True}, *ONE_PER_STEP),
+    ("Euler", "EulerDiscreteScheduler", {}, *ONE_PER_STEP),
+    ("Heun", "HeunDiscreteScheduler", {}, lambda s: 2 * s - 1, lambda n: (n + 1) // 2),
+    (
+        "DPM-Solver++ 2M",
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2},
+        *ONE_PER_STEP,
+    ),
+    (
+        "DPM-Solver++ 3M",
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 3},
+        *ONE_PER_STEP,
+    ),
+    ("UniPC 2", "UniPCMultistepScheduler", {"solver_order": 2}, *ONE_PER_STEP),
+    ("UniPC 3", "UniPCMultistepScheduler", {"solver_order": 3}, *ONE_PER_STEP),
+    ("DEIS 2", "DEISMultistepScheduler", {"solver_order": 2}, *ONE_PER_STEP),
+    ("DEIS 3", "DEISMultistepScheduler", {"solver_order": 3}, *ONE_PER_STEP),
+    (
+        "PNDM (PLMS)",
+        "PNDMScheduler",
+        {"skip_prk_steps": True, "set_alpha_to_one": True},
+        lambda s: s + 1,
+        lambda n: n - 1,
+    ),
+    ("LMS", "LMSDiscreteScheduler", {}, *ONE_PER_STEP),
+]
+KARRAS_CAPABLE = {"EulerDiscreteScheduler", "HeunDiscreteScheduler", "DPMSolverMultistepScheduler",
+                  "UniPCMultistepScheduler", "DEISMultistepScheduler", "LMSDiscreteScheduler"}  # fmt: skip
+
+# fewstep: (sampler, overrides of its packaged config)
+FEWSTEP = [
+    ("ddim", {}),
+    ("euler", {}),
+    ("heun", {}),
+    ("dpmpp_2m", {}),
+    ("dpmpp_2m", {"spacing": "logsnr"}),
+    ("dpmpp_3m", {}),
+    ("dpmpp_3m", {"spacing": "logsnr"}),
+    ("unipc", {}),
+    ("unipc", {"spacing": "logsnr"}),
+    ("unipc", {"order": 3}),
+    ("unipc", {"order": 3, "spacing": "logsnr"}),
+    ("ipndm", {}),
+    ("ipndm", {"spacing": "logsnr"}),
+    ("ipndm", {"spacing": "trailing"}),
+]
+
+
+class EpsModel:
+    """The denoiser as the eps-prediction model diffusers' schedulers call: ``model(x_vp, t) -> eps``."""
+
+    def __init__(self, denoiser: Callable[..., Tensor], schedule: Schedule) -> None:
+        self.denoiser, self.train_sigmas, self.calls = denoiser, schedule.train_sigmas, 0
+
+    def __call__(self, x_vp: Tensor, t: Tensor | float) -> Tensor:
+        self.calls += 1
+        t = torch.as_tensor(t, dtype=torch.float64).reshape(1)
+        sigma = float(t_to_sigma(self.train_sigmas, t))
+        x = x_vp * math.sqrt(1 + sigma**2)
+        sig = torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)
+        return (x - self.denoiser(x, sig)) / sigma
+
+
+def run_diffusers(cls_name: str, options: dict, steps: int, model: EpsModel, start: Tensor, sigma_max: float) -> Tensor:
+    """One diffusers sampling loop (the pipelines' loop: scale_model_input, model, step) from ``start``
+    (= noise * sigma_max in fewstep's VE scale); returns x0 in the same scale as fewstep's output."""
+    import diffusers
+
+    scheduler = getattr(diffusers, cls_name)(**options)
+    scheduler.set_timesteps(steps)
+    # Euler-type schedulers (init_noise_sigma > 1) carry x in the VE scale; the others carry x_vp.
+    ve = float(scheduler.init_noise_sigma) > 1.0
+    x = start.clone() if ve else start / math.sqrt(1 + sigma_max**2)
+    for t in scheduler.timesteps:
+        eps = model(scheduler.scale_model_input(x, t), t)
+        x = scheduler.step(eps, t, x).prev_sample
+    return x
+
+
+def rms(a: Tensor, b: Tensor) -> float:
+    return float((a.double() - b.double()).pow(2).mean().sqrt())
+
+
+def fewstep_steps(name: str, nfe: int) -> int:
+    return max(1, (nfe + 1) // 2) if name == "heun" else nfe
+
+
+def run_fewstep(name: str, override: dict, nfe: int, denoiser, schedule: Schedule, noise: Tensor):
+    config = {**sampler_config(name), **override}
+    spacing_options = {k: config[k] for k in ("rho", "sigma_min", "sigma_max") if config.get(k) is not None}
+    options = {k: v for k, v in config.items() if k not in GRID_KEYS}
+    sigmas = schedule.sigmas(fewstep_steps(name, nfe), config["spacing"], dtype=torch.float64, **spacing_options)
+    counting = CountingDenoiser(denoiser)
+    x = SAMPLERS[name](counting, noise * sigmas[0].to(noise.dtype), sigmas.to(noise.dtype), **options)
+    return x, counting.calls
+
+
+def fewstep_label(name: str, override: dict) -> str:
+    config = {**sampler_config(name), **override}
+    extra = "".join(f" {k}={v}" for k, v in override.items() if k != "spacing")
+    return f"{name}{extra} ({config['spacing']})"
+
+
+def compare(
+    case: str, denoiser, schedule: Schedule, noise: Tensor, reference: Tensor, nfes, out: dict, fit_noise: Tensor, args
+) -> None:
+    """Fill ``out[case]`` with {label: {nfe: (calls, error)}} for both libraries; fewstep's learned
+    sampler is fitted on ``fit_noise`` (another batch) and scored on ``noise``."""
+    sigma_max = float(schedule.sigma_max)
+    start = noise * sigma_max
+    results: dict[str, dict] = {"diffusers": {}, "fewstep": {}}
+    betas = schedule.betas.tolist()
+    t0 = time.perf_counter()
+    for label, cls_name, options, calls_of, steps_of in DIFFUSERS:
+        spacings = [("leading", False), ("linspace", False), ("trailing", False)]
+        if cls_name in KARRAS_CAPABLE:
+            spacings.append(("linspace", True))
+        for spacing, karras in spacings:
+            config = {**options, "num_train_timesteps": len(betas), "trained_betas": betas, "timestep_spacing": spacing}
+            if karras:
+                config["use_karras_sigmas"] = True
+            name = f"{label} ({'karras' if karras else spacing})"
+            for nfe in nfes:
+                steps = steps_of(nfe)
+                if steps < 1:
+                    continue
+                model = EpsModel(denoiser, schedule)
+                try:
+                    x = run_diffusers(cls_name, config, steps, model, start, sigma_max)
+                except Exception as err:  # a configuration diffusers refuses at this step count
+                    print(f"  {name} at {nfe} NFE: {type(err).__name__}: {str(err).splitlines()[0][:100]}")
+                    continue
+                assert model.calls == calls_of(steps), (name, model.calls, calls_of(steps))
+                err = rms(x, reference)
+                results["diffusers"].setdefault(name, {})[nfe] = (model.calls, err if math.isfinite(err) else None)
+    t1 = time.perf_counter()
+    for name, override in FEWSTEP:
+        label = fewstep_label(name, override)
+        for nfe in nfes:
+            x, calls = run_fewstep(name, override, nfe, denoiser, schedule, noise)
+            err = rms(x, reference)
+            results["fewstep"].setdefault(label, {})[nfe] = (calls, err if math.isfinite(err) else None)
+    t2 = time.perf_counter()
+    fit_calls = 0
+    for spacing in args.learned:
+        label = f"learned ({spacing})"
+        for nfe in nfes:
+            if spacing == "optimized":  # the grid searched for DPM-Solver++(2M), then the weights on it
+                starts = [schedule.sigmas(nfe, s, dtype=torch.float64) for s in ("karras", "logsnr", "quadratic")]
+                counting = CountingDenoiser(denoiser)
+                sigmas = optimize_sigmas(counting, fit_noise, starts, "dpmpp_2m", options={"lower_order_final": False})
+                fit_calls += counting.calls
+            else:
+                sigmas = schedule.sigmas(nfe, spacing, dtype=torch.float64)
+            counting = CountingDenoiser(denoiser)
+            coefficients = fit_coefficients(counting, fit_noise, sigmas)
+            fit_calls += counting.calls
+            counting = CountingDenoiser(denoiser)
+            grid = sigmas.to(noise.dtype)
+            x = SAMPLERS["learned"](counting, noise * grid[0], grid, coefficients=coefficients)
+            err = rms(x, reference)
+            results["fewstep"].setdefault(label, {})[nfe] = (counting.calls, err if math.isfinite(err) else None)
+    print(
+        f"  ({case}: diffusers runs {t1 - t0:.0f} s, fewstep runs {t2 - t1:.0f} s, learned: fits"
+        f" {fit_calls} calls on {len(fit_noise)} other noises + runs, {time.perf_counter() - t2:.0f} s)"
+    )
+    out[case] = results
+
+
+def best(rows: dict, nfe: int) -> tuple[str, float]:
+    pool = {k: v[nfe][1] for k, v in rows.items() if nfe in v and v[nfe][1] is not None}
+    label = min(pool, key=pool.get)
+    return label, pool[label]
+
+
+def report(case: str, results: dict, nfes) -> None:
+    print(f"\n## {case}: RMS error to the converged PF-ODE solution (data units)\n")
+    print("| library | sampler (spacing) | " + " | ".join(f"{n} NFE" for n in nfes) + " |")
+    print("|---|---|" + "---:|" * len(nfes))
+    for lib in ("diffusers", "fewstep"):
+        for label, row in results[lib].items():
+            cells = []
+            for n in nfes:
+                calls, err = row.get(n, (None, None))
+                cell = "-" if err is None else f"{err:.3g}"
+                cells.append(cell if calls in (None, n) else f"{cell} ({calls})")
+            print(f"| {lib} | {label} | " + " | ".join(cells) + " |")
+    print("\n| NFE | best diffusers | error | best fewstep | error | diffusers / fewstep |")
+    print("|---:|---|---:|---|---:|---:|")
+    for n in nfes:
+        (dl, de), (fl, fe) = best(results["diffusers"], n), best(results["fewstep"], n)
+        print(f"| {n} | {dl} | {de:.3g} | {fl} | {fe:.3g} | {de / fe:.2f}x |")
+
+
+def plot(all_results: dict, nfes, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(all_results), figsize=(6 * len(all_results), 4.5), squeeze=False)
+    for ax, (case, results) in zip(axes[0], all_results.items(), strict=True):
+        for lib, style in (("diffusers", "--"), ("fewstep", "-")):
+            # per method family, the best configuration at each budget
+            families: dict[str, dict[int, float]] = {}
+            for label, row in results[lib].items():
+                family = label.split(" (")[0]
+                for n, (_, err) in row.items():
+                    if err is not None:
+                        families.setdefault(family, {})[n] = min(err, families.get(family, {}).get(n, math.inf))
+            for family, points in families.items():
+                xs = sorted(points)
+                ax.loglog(xs, [points[n] for n in xs], style, marker="o", ms=3, label=f"{lib}: {family}")
+        ax.set_title(case, fontsize=9)
+        ax.set_xlabel("network calls (NFE)")
+        ax.set_ylabel("RMS error to the converged ODE solution")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=5, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"\nwrote {path}")
+
+
+def gmm_case(args, out: dict) -> None:
+    schedule = LinearSchedule(beta_start=1e-4, beta_end=0.02, num_timesteps=1000)
+    gmm = GaussianMixture.random(args.dim, args.components, seed=0, spread=0.35)
+    noise = torch.randn(args.n_gmm, args.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    start = noise * schedule.sigma_max
+    t0 = time.perf_counter()
+    reference = ode_reference(gmm, start, schedule.sigma_max, 1e-6, tol=1e-11)
+    loose = ode_reference(gmm, start, schedule.sigma_max, 1e-6, tol=1e-8)
+    case = f"Gaussian mixture, {args.dim}-d, {args.components} components, exact denoiser, float64"
+    print(f"# {case}: reference in {time.perf_counter() - t0:.0f} s; rtol 1e-11 vs 1e-8: {rms(reference, loose):.1e}")
+    fit_noise = torch.randn(args.n_gmm, args.dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    compare(case, gmm.denoiser, schedule, noise, reference, args.nfe, out, fit_noise, args)
+
+
+def checkpoint_case(path: str, args, out: dict) -> None:
+    from fewstep.diffusion import Denoiser
+    from fewstep.lit import load_model
+
+    model = load_model(path).eval()
+    # the raw network (no x0 clipping): the pure probability-flow ODE of what was trained
+    denoiser = Denoiser(model.sampling_net(), model.parameterisation, clip_x0=None).eval()
+    schedule = model.parameterisation.schedule
+    shape = (model.hparams.channels, model.hparams.image_size, model.hparams.image_size)
+    noise = torch.randn((args.n, *shape), generator=torch.Generator().manual_seed(0))
+    start = noise * schedule.sigma_max
+    sigmas = schedule.sigmas(2, "karras", dtype=torch.float32)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        stats: dict = {}
+        reference = SAMPLERS["ode_rk45"](denoiser, start, sigmas, rtol=1e-6, atol=1e-6, stats=stats)
+        loose = SAMPLERS["ode_rk45"](denoiser, start, sigmas, rtol=1e-5, atol=1e-5)
+    hp = model.hparams
+    case = f"{Path(path).name}: {hp.schedule.get('schedule', '?')} schedule, {hp.prediction}-prediction"
+    print(
+        f"# {case}: reference ode_rk45 tol 1e-6 ({stats['nfe']} NFE, {time.perf_counter() - t0:.0f} s);"
+        f" tol 1e-6 vs 1e-5: {rms(reference, loose):.1e}"
+    )
+    fit_noise = torch.randn((args.n, *shape), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        compare(case, denoiser, schedule, noise, reference, args.nfe, out, fit_noise, args)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", action="append", default=[], help="a trained fewstep checkpoint (repeatable)")
+    parser.add_argument("--no-gmm", action="store_true", help="only the checkpoints")
+    parser.add_argument("--dim", type=int, default=784)
+    parser.add_argument("--components", type=int, default=8)
+    parser.add_argument("--n-gmm", type=int, default=256, help="mixture samples")
+    parser.add_argument("--n", type=int, default=32, help="images per network case")
+    parser.add_argument("--nfe", type=int, nargs="+", default=list(NFES))
+    parser.add_argument(
+        "--learned", nargs="*", default=["karras", "logsnr"], help="grids of the learned sampler (+ optimized)"
+    )
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--out", default=str(ROOT / "assets" / "vs_diffusers"), help="writes OUT.json and OUT.png")
+    parser.add_argument("--quick", action="store_true", help="64-d mixture, 5 and 10 NFE")
+    args = parser.parse_args()
+    if args.quick:
+        args.dim, args.n_gmm, args.nfe, args.out = 64, 64, [5, 10], "/tmp/vs_diffusers_quick"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import diffusers
+
+    print(f"diffusers {diffusers.__version__}, torch {torch.__version__}")
+    out: dict = {}
+    if not args.no_gmm:
+        gmm_case(args, out)
+    for path in args.ckpt:
+        checkpoint_case(path, args, out)
+    for case, results in out.items():
+        report(case, results, args.nfe)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out + ".json").write_text(json.dumps(out, indent=1))
+    plot(out, args.nfe, Path(args.out + ".png"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""``learned``: a multistep solver whose few coefficients per step are fitted to one model.
+
+The form is DPM-Solver++'s (Lu et al. 2022b, Eq. 9 with its data-prediction multistep update): with
+``r_i = sigma_{i+1} / sigma_i``,
+
+    x_{i+1} = r_i x_i + (1 - r_i) sum_j w_ij D_{i-j},    j = 0 .. history - 1,
+
+where ``D_k`` is the denoiser output at step k. DPM-Solver++(2M) is one choice of the weights
+(``w = (1 + 1/(2 rho), -1/(2 rho))``, ``rho = h_{i-1} / h_i``) and the one used when none are given.
+At few steps no fixed rule is accurate, so, in the spirit of PAS (Wang et al. 2024, "Diffusion
+sampling correction via approximately 10 parameters") and AMED (Zhou et al. 2024), the weights are
+learned per model and per grid, from the model's own trajectories:
+
+1. a fine solution of the probability-flow ODE from a batch of noises, recorded at the grid's levels
+   (DPM-Solver++(3M) on a grid that refines every interval ``substeps`` times in log sigma);
+2. step by step, from the solver's *own* state so far (not the teacher's: errors must be corrected,
+   not assumed away), the weights of step i solve the linear least-squares problem
+   ``min_w || x*_{i+1} - r_i x_i - (1 - r_i) sum_j w_j D_{i-j} ||^2 + lambda || w - w_dpm ||^2``
+   in closed form; ``lambda`` (``ridge`` times the mean squared norm of the outputs) pulls towards
+   DPM-Solver++, more strongly the shorter the step.
+
+That is ``history`` numbers per step (30 at 10 steps), fitted from ``fine NFE + steps`` network calls on
+the fitting batch, no gradients. The final step to sigma = 0 is ``sum_j w_j D_{i-j}``, fitted to the
+fine solution's denoised end.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from fewstep.samplers.multistep import _deis_weights
+from fewstep.samplers.registry import batch_sigma, check_sigmas, get_sampler, register
+
+
+FORMS = ("data", "eps")
+
+
+def base_weights(form: str, sigmas: Sequence[float], i: int, history: int) -> list[float]:
+    """The fixed rule a fit starts from, in the form of step i (padded with zeros to ``history``):
+    DPM-Solver++(2M)'s ``(1 + 1/(2 rho), -1/(2 rho))``, ``rho = h_{i-1} / h_i``, for ``data``;
+    DEIS's log-sigma weights over ``sigma_{i+1} - sigma_i`` (:func:`sample_deis`) for ``eps``."""
+    last = sigmas[i + 1] == 0
+    if form == "eps" and not last:
+        k = min(history, i + 1)
+        nodes = [math.log(sigmas[i - j]) for j in range(k)]
+        weights = _deis_weights(nodes, math.log(sigmas[i]), math.log(sigmas[i + 1]), "log_sigma")
+        weights = [w / (sigmas[i + 1] - sigmas[i]) for w in weights]
+    elif form == "data" and i > 0 and not last and history >= 2:
+        h = math.log(sigmas[i] / sigmas[i + 1])
+        rho = math.log(sigmas[i - 1] / sigmas[i]) / h
+        weights = [1 + 1 / (2 * rho), -1 / (2 * rho)]
+    else:
+        weights = [1.0]
+    return (weights + [0.0] * history)[:history]
+
+
+def _term(form: str, x: Tensor, sigma: float, denoised: Tensor) -> Tensor:
+    return denoised if form == "data" else (x - denoised) / sigma
+
+
+def _step(form: str, x: Tensor, sigma: float, sigma_next: float, combination: Tensor) -> Tensor:
+    """``r x + (1 - r) combination`` (data) or ``x + (sigma' - sigma) combination`` (eps)."""
+    if form == "data":
+        r = sigma_next / sigma
+        return r * x + (1 - r) * combination
+    return x + (sigma_next - sigma) * combination
+
+
+def _check(form: str, history: int) -> None:
+    if form not in FORMS:
+        raise ValueError(f"sampler.form must be one of {', '.join(FORMS)}, got {form!r}")
+    if not isinstance(history, int) or isinstance(history, bool) or history < 1:
+        raise ValueError(f"sampler.history must be an integer >= 1, got {history!r}")
+
+
+@register("learned")
+@torch.no_grad()
+def sample_learned(
+    denoiser: Callable[..., Tensor],
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callable[[dict], None] | None = None,
+    cond: dict | None = None,
+    form: str = "eps",
+    history: int = 3,
+    coefficients: list[list[float]] | None = None,
+) -> Tensor:
+    """Learned multistep (module docstring): ``coefficients[i]`` are step i's weights on the newest
+    ``history`` outputs (newest first). Without them this is the fixed rule of ``form``
+    (:func:`base_weights`, no lower-order final steps); ``DiffusionModel.sample("learned")`` fits them
+    for the model and grid (:func:`fit_coefficients`) and caches them beside the checkpoint.
+    """
+    _check(form, history)
+    sigmas = check_sigmas(sigmas, x)
+    s, steps = sigmas.tolist(), len(sigmas) - 1
+    if coefficients is not None and (len(coefficients) != steps or any(len(w) != history for w in coefficients)):
+        raise ValueError(
+            f"sampler.coefficients hold {len(coefficients)} steps of weights; this grid has {steps} steps of "
+            f"{history}: fit them for this grid (DiffusionModel.sample('learned') does)"
+        )
+    terms: list[Tensor] = []  # newest first
+    for i in range(steps):
+        denoised = denoiser(x, batch_sigma(sigmas[i], x), **(cond or {}))
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_next": sigmas[i + 1], "denoised": denoised})
+        terms = [_term(form, x, s[i], denoised), *terms[: history - 1]]
+        weights = coefficients[i] if coefficients is not None else base_weights(form, s, i, history)
+        x = _step(form, x, s[i], s[i + 1], sum(w * t for w, t in zip(weights, terms, strict=False)))
+    return x
+
+
+@torch.no_grad()
+def fine_trajectory(
+    denoiser: Callable[..., Tensor], x: Tensor, sigmas: Sequence[float], substeps: int = 16, cond: dict | None = None
+) -> list[Tensor]:
+    """The probability-flow ODE solution from ``x`` at ``sigmas[0]`` recorded at every positive level of
+    ``sigmas`` and, last, denoised at the smallest one: DPM-Solver++(3M) with every interval cut into
+    ``substeps`` equal steps in log sigma."""
+    positive = [float(v) for v in sigmas if v > 0]
+    fine = [positive[0]]
+    for hi, lo in zip(positive[:-1], positive[1:], strict=True):
+        fine += [
+            math.exp(math.log(hi) + (k / substeps) * (math.log(lo) - math.log(hi))) for k in range(1, substeps + 1)
+        ]
+    marks = {k * substeps for k in range(len(positive))}
+    states: list[Tensor] = []
+
+    def record(info: dict) -> None:
+        if info["i"] in marks:
+            states.append(info["x"].clone())
+            if info["i"] == len(fine) - 1:
+                states.append(info["denoised"].clone())
+
+    grid = torch.tensor([*fine, 0.0], dtype=torch.float64)
+    get_sampler("dpmpp_3m")(denoiser, x, grid, callback=record, cond=cond, lower_order_final=False)
+    return states
+
+
+@torch.no_grad()
+def fit_coefficients(
+    denoiser: Callable[..., Tensor],
+    noise: Tensor,
+    sigmas: Tensor,
+    *,
+    form: str = "eps",
+    history: int = 3,
+    ridge: float = 1e-3,
+    substeps: int = 16,
+    cond: dict | None = None,
+) -> list[list[float]]:
+    """Fit :func:`sample_learned`'s weights for this denoiser and grid on ``noise`` ~ N(0, I) (a batch
+    of the model's sample shape): sequential ridge least squares against the fine ODE solution
+    (module docstring). Costs ``substeps * (positive levels - 1) + 1`` fine calls plus one per step."""
+    _check(form, history)
+    sigmas = check_sigmas(sigmas.double().cpu(), noise.new_empty(0, dtype=torch.float64))
+    s, steps = sigmas.tolist(), len(sigmas) - 1
+    x = noise * s[0]
+    targets = fine_trajectory(denoiser, x, s, substeps, cond)  # x*_0 .. at the grid's levels, then the end
+    coefficients: list[list[float]] = []
+    terms: list[Tensor] = []
+    for i in range(steps):
+        denoised = denoiser(x, batch_sigma(sigmas[i].to(x), x), **(cond or {}))
+        terms = [_term(form, x, s[i], denoised), *terms[: history - 1]]
+        # columns: what each weight adds to x'; target: what x' must add to the part without weights
+        zero = torch.zeros_like(x)
+        features = torch.stack([(_step(form, zero, s[i], s[i + 1], t)).double().flatten() for t in terms], 1)
+        target = (targets[i + 1] - _step(form, x, s[i], s[i + 1], zero)).double().flatten()
+        base = torch.tensor(base_weights(form, s, i, history)[: len(terms)], dtype=torch.float64)
+        gram = features.T @ features
+        # The penalty is measured on the terms themselves, not on the step's share (1 - r) of them:
+        # a tiny step (two nearly equal levels) then keeps the fixed rule's weights instead of blowing
+        # them up to cancel an error it cannot fix.
+        lam = ridge * float(gram.diagonal().mean()) / max((1 - s[i + 1] / s[i]) ** 2, 1e-12)
+        eye = torch.eye(len(terms), dtype=torch.float64)
+        weights = torch.linalg.solve(gram + lam * eye, features.T @ target + lam * base)
+        coefficients.append((weights.tolist() + [0.0] * history)[:history])
+        x = _step(form, x, s[i], s[i + 1], sum(float(w) * t for w, t in zip(weights, terms, strict=True)))
+    return coefficients
