@@ -15,6 +15,7 @@ import yaml
 from gmm import GaussianMixture, ode_reference
 
 from fewstep.diffusion.sampling import CountingDenoiser as Counting
+from fewstep.diffusion.sampling import SamplerSpec, auto_config
 from fewstep.diffusion.schedules import LinearSchedule
 from fewstep.diffusion.thresholding import DynamicThreshold, dynamic_threshold
 from fewstep.samplers import SAMPLERS, get_sampler, make_sigmas
@@ -81,6 +82,7 @@ ORDER_CASES = [
     ("deis", {"order": 4}, [64, 128, 256], (2.2, 4.35)),
     ("learned", {}, [32, 64, 128], 3),  # unfitted: DEIS log-sigma of order 3 without lower-order final steps
     ("learned", {"form": "data"}, [16, 32, 64], 2),  # unfitted: DPM-Solver++(2M)
+    ("gradient_estimation", {}, [16, 32, 64], 1),
 ]
 
 
@@ -112,6 +114,18 @@ def test_ipndm_variable_weights_reduce_to_classic_on_uniform_grid(gmm, ode_probl
     a = SAMPLERS["ipndm"](gmm.denoiser, x, sigmas, variable_step=True)
     b = SAMPLERS["ipndm"](gmm.denoiser, x, sigmas, variable_step=False)
     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_restart_and_gradient_estimation_reduce_to_heun_and_ddim(gmm, ode_problem):
+    x, _ = ode_problem
+    sigmas = karras_grid(8)
+    heun = SAMPLERS["heun"](gmm.denoiser, x, sigmas)
+    torch.testing.assert_close(SAMPLERS["restart"](gmm.denoiser, x, sigmas, restart_times=0), heun)
+    ddim = SAMPLERS["ddim"](gmm.denoiser, x, sigmas)
+    torch.testing.assert_close(SAMPLERS["gradient_estimation"](gmm.denoiser, x, sigmas, gamma=1.0), ddim)
+    counting = Counting(gmm.denoiser)
+    SAMPLERS["restart"](counting, x, sigmas, restart_times=2, restart_steps=3, generator=torch.Generator())
+    assert counting.calls == 2 * 8 - 1 + 2 * 2 * 3  # Heun down the grid plus two 3-step Heun loops
 
 
 def test_deis_sigma_variable_is_ipndm_variable_step(gmm, ode_problem):
@@ -162,6 +176,7 @@ STOCHASTIC_CASES = [
     ("pc", 100, "logsnr", {}, {"snr": 0.16, "n_corrector": 1}),
     ("annealed_langevin", 20, "logsnr", {"sigma_max": 10.0}, {"n_steps_each": 50, "step_lr": 5e-5}),
     ("heun", 50, "karras", {}, {"s_churn": 20.0}),
+    ("restart", 30, "karras", {}, {"restart_sigma_min": 0.3, "restart_sigma_max": 2.0, "restart_times": 3}),
 ]
 
 
@@ -246,9 +261,11 @@ def test_image_shaped_float32_input_and_batch_sigma(name):
 
 def test_every_sampler_has_a_config_and_back():
     names = {p.stem for p in CONF.glob("*.yaml")}
-    assert names == set(SAMPLERS)
+    assert names == set(SAMPLERS) | {"auto"}
     for path in CONF.glob("*.yaml"):
         config = yaml.safe_load(path.read_text())
+        if path.stem == "auto":
+            continue
         assert config["name"] == path.stem
         params = inspect.signature(SAMPLERS[path.stem]).parameters
         unknown = set(config) - GRID_KEYS - set(params)
@@ -263,6 +280,19 @@ def test_every_sampler_has_a_config_and_back():
         )
         # switching the spacing of a karras config leaves its rho without effect, not an error
         assert len(make_sigmas(SCHEDULE.train_sigmas, 4, "logsnr", **grid_options)) == 5
+
+
+def test_auto_is_the_measured_choice_for_its_steps():
+    for steps in (4, 10, 20, 50):
+        spec = SamplerSpec.from_config({"name": "auto", "steps": steps})
+        expected = auto_config(steps)
+        assert (spec.name, spec.steps, spec.spacing) == (expected["name"], steps, expected["spacing"])
+        assert spec.options == {k: v for k, v in expected.items() if k not in GRID_KEYS}
+    # the packaged config and any other key override the choice; a key the choice lacks is an error
+    spec = SamplerSpec.from_config({**yaml.safe_load((CONF / "auto.yaml").read_text()), "spacing": "logsnr"})
+    assert spec.steps == 10 and spec.spacing == "logsnr"
+    with pytest.raises(ValueError, match="has no option eta"):
+        SamplerSpec.from_config({"name": "auto", "steps": 10, "eta": 0.5})
 
 
 def test_nfe_counts(gmm, ode_problem):

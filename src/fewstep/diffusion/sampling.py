@@ -9,6 +9,7 @@ function as an option. ``spacing: optimized`` tunes the grid to the model (see
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fewstep.config import sampler_config
 from fewstep.diffusion.guidance import ClassifierFreeGuidance
 from fewstep.diffusion.schedules import Schedule
 from fewstep.diffusion.thresholding import DynamicThreshold
@@ -27,10 +29,24 @@ from fewstep.samplers import SPACINGS, SampleGenerators, get_sampler
 from fewstep.samplers.learned import fit_coefficients
 from fewstep.samplers.optimize import load_or_compute, load_or_optimize, optimize_sigmas
 
+log = logging.getLogger(__name__)
 SPACING_OPTIONS = ("rho", "sigma_min", "sigma_max")
 OPTIMIZED = "optimized"
 # Grids the optimized spacing starts from (it keeps the best of them as its starting point).
 OPTIMIZE_FROM = ("karras", "logsnr", "quadratic")
+AUTO = "auto"
+# sampler=auto: the measured best configuration up to a number of network calls (its steps), from
+# benchmarks/vs_diffusers.py (docs/samplers.md, "fewstep vs diffusers"); the last entry covers the rest.
+AUTO_CHOICES: tuple[tuple[int, dict], ...] = (
+    (20, {"name": "learned", "spacing": "karras", "rho": 7.0, "form": "eps", "history": 3}),
+    (10**9, {"name": "unipc", "spacing": "logsnr", "order": 3}),
+)
+
+
+def auto_config(steps: int) -> dict:
+    """The sampler config ``sampler=auto`` stands for at ``steps`` network calls."""
+    config = next(choice for limit, choice in AUTO_CHOICES if steps <= limit)
+    return {**sampler_config(config["name"]), **config, "steps": steps}
 
 
 @dataclass
@@ -46,6 +62,9 @@ class SamplerSpec:
     def from_config(cls, config: Mapping | None, **overrides) -> SamplerSpec:
         """Split a flat sampler config into the grid's and the sampler's options."""
         merged = {**dict(config or {}), **{k: v for k, v in overrides.items() if v is not None}}
+        if merged.get("name") == AUTO:  # the measured best for the steps; any other key still overrides it
+            merged = {**auto_config(merged.get("steps", 10)), **{k: v for k, v in merged.items() if k != "name"}}
+            log.info("sampler=auto at %s steps: %s", merged["steps"], merged)
         name = merged.pop("name", "ddim")
         sampler = get_sampler(name)  # fail early, with the list of valid names
         steps = merged.pop("steps", 50)

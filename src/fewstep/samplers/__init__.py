@@ -6,7 +6,7 @@
 ``x = noise * sigmas[0]``. See docs/contract.md.
 """
 
-from fewstep.samplers import adaptive, ancestral, consistency, learned, multistep, ode, sde  # noqa: F401  (they register themselves)
+from fewstep.samplers import adaptive, ancestral, consistency, learned, multistep, ode, restart, sde  # noqa: F401 (registering)
 from fewstep.samplers.registry import SAMPLERS, SampleGenerators, get_sampler, register
 from fewstep.samplers.spacing import SPACINGS, make_sigmas
 

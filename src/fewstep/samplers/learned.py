@@ -35,7 +35,6 @@ from torch import Tensor
 from fewstep.samplers.multistep import _deis_weights
 from fewstep.samplers.registry import batch_sigma, check_sigmas, get_sampler, register
 
-
 FORMS = ("data", "eps")
 
 
