@@ -1,4 +1,5 @@
-"""The sampling task behind sample.py: a checkpoint in, a grid, an .npz and a summary (with FID/KID/IS) out."""
+"""The sampling task behind sample.py: a checkpoint (or a diffusers UNet2DModel folder) in, a grid, an .npz and a
+summary (with FID/KID/IS) out."""
 
 from __future__ import annotations
 
@@ -31,6 +32,41 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def model_source(cfg: DictConfig) -> str:
+    """What is sampled, for messages and summary.json: the checkpoint, or the diffusers folder."""
+    return str(cfg.get("diffusers") or cfg.get("ckpt"))
+
+
+def load_sampled_model(cfg: DictConfig, device: torch.device) -> DiffusionModel:
+    """The model of ``ckpt=PATH`` (a fewstep checkpoint) or ``diffusers=FOLDER`` (a saved diffusers UNet2DModel).
+
+    ``data=NAME`` (the data group) records the data it was trained on, for ``eval=true``, when the
+    model does not (a diffusers folder), or replaces the checkpoint's record.
+    """
+    ckpt, folder = cfg.get("ckpt"), cfg.get("diffusers")
+    if ckpt and folder:
+        raise ValueError(f"give ckpt=PATH or diffusers=FOLDER, not both (got ckpt={ckpt} and diffusers={folder})")
+    if folder:
+        from fewstep.diffusers_compat import load_diffusers
+
+        try:
+            model = load_diffusers(folder, device=device)
+        except ImportError as err:  # diffusers is an optional extra: a one-line error, not a traceback
+            raise ValueError(str(err)) from None
+    elif ckpt:
+        model = load_model(ckpt, map_location=device)
+    else:
+        raise ValueError(
+            "nothing to sample: give ckpt=PATH (a fewstep checkpoint) or diffusers=FOLDER "
+            "(a saved diffusers DDPMPipeline or UNet2DModel)"
+        )
+    if cfg.get("data"):
+        model.hparams["data"] = {
+            k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k != "_target_"
+        }
+    return model
+
+
 def build_scores(cfg: DictConfig, model: DiffusionModel, device: torch.device):  # -> GenerativeScores
     """FID/KID/IS against the data the checkpoint was trained on (its ``hparams.data``), features per ``cfg.features``.
 
@@ -42,8 +78,8 @@ def build_scores(cfg: DictConfig, model: DiffusionModel, device: torch.device): 
     data = model.hparams.get("data")
     if not data:
         raise ValueError(
-            f"{cfg.ckpt} does not record the data it was trained on (written by an older fewstep): "
-            "eval=true cannot build the reference; retrain it with train.py"
+            f"{model_source(cfg)} does not record the data it was trained on: eval=true needs the real images, "
+            "e.g. data=cifar10 (with data.root=DIR where they lie)"
         )
     options = OmegaConf.to_container(cfg.get("evaluation") or {}, resolve=True)
     data = {**data, **({"root": options["data_root"]} if options.get("data_root") else {})}
@@ -96,7 +132,7 @@ def conditions(cfg: DictConfig, model: DiffusionModel) -> tuple[int, dict[str, A
         raise ValueError("give y= (class labels) or prompt= (text), not both")
     if y is not None:
         if not model.hparams.num_classes:
-            raise ValueError(f"y={y} was given but {cfg.ckpt} was trained without class labels; drop y=")
+            raise ValueError(f"y={y} was given but {model_source(cfg)} was trained without class labels; drop y=")
         if y == "uniform":
             generator = torch.Generator().manual_seed(int(cfg.seed))
             return n, {"y": torch.randint(model.hparams.num_classes, (n,), generator=generator)}, 0
@@ -109,7 +145,7 @@ def conditions(cfg: DictConfig, model: DiffusionModel) -> tuple[int, dict[str, A
         return n * len(labels), {"y": torch.tensor(labels).repeat_interleave(n)}, n if len(labels) > 1 else 0
     if prompt is not None:
         if model.text_encoder is None:
-            raise ValueError(f"prompt= was given but {cfg.ckpt} was trained without text; drop prompt=")
+            raise ValueError(f"prompt= was given but {model_source(cfg)} was trained without text; drop prompt=")
         if prompt in ("val", "train"):  # the captions of the data's split, in order (cycled when n is larger)
             from fewstep.data import DataSource, dataset_captions
 
@@ -151,7 +187,7 @@ def sample(cfg: DictConfig) -> dict:
         raise ValueError(f"eval=true needs n >= 2 samples (FID fits a covariance), got n={cfg.n}")
     save_npz = bool(cfg.get("save_npz", True))
     device = pick_device(cfg.device)
-    model = load_model(cfg.ckpt, map_location=device)
+    model = load_sampled_model(cfg, device)
     sampler_cfg = choose_sampler(cfg, model)
     spec = model.sampler_spec(sampler_cfg)
     guidance_cfg = OmegaConf.to_container(cfg.guidance, resolve=True) if cfg.get("guidance") else None
@@ -203,7 +239,7 @@ def sample(cfg: DictConfig) -> dict:
     nrow = min(row, GRID_ROW) if row else int(math.ceil(math.sqrt(len(grid))))
     save_image(make_grid((grid + 1) / 2, nrow=nrow, pad_value=1.0), out_dir / "samples.png")
     summary: dict[str, Any] = {
-        "ckpt": str(cfg.ckpt),
+        **({"diffusers": str(cfg.diffusers)} if cfg.get("diffusers") else {"ckpt": str(cfg.ckpt)}),
         "sampler": spec.name,
         "steps": spec.steps,
         "spacing": spec.spacing,
