@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_dir
 from fewstep.config import CONFIG_DIR, register_resolvers
 from fewstep.lit import ImageDataModule
 from fewstep.samplers import SAMPLERS
-from fewstep.train import build_model
+from fewstep.train import build_model, resolve_trainer_precision
 
 
 class StepTimer(L.Callback):
@@ -49,9 +49,10 @@ def main() -> None:
         cfg = compose("train", overrides=["data.root=data", *args.overrides])
     datamodule = ImageDataModule(**{k: v for k, v in cfg.data.items() if k not in ("_target_", "root")})
     model = build_model(cfg, datamodule)
+    precision = resolve_trainer_precision(cfg, model)  # trainer.precision=auto: as train.py would train
     print(
         f"# fewstep throughput: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, model={cfg.model}, batch={cfg.data.batch_size}\n"
+        f"{torch.get_num_threads()} threads, model={cfg.model}, batch={cfg.data.batch_size}, precision={precision}\n"
     )
 
     warmup = 5
@@ -59,7 +60,7 @@ def main() -> None:
     trainer = L.Trainer(
         max_steps=warmup + args.train_steps,
         accelerator=cfg.trainer.accelerator,
-        precision=cfg.trainer.precision,
+        precision=precision,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

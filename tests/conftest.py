@@ -18,6 +18,8 @@ TINY_NET = [
     "model.net.attention_resolutions=[8]",
     "data.image_size=16",
     "data.batch_size=8",
+    # fp32 on every machine: precision=auto would time bf16 and may pick it where the CPU has native bf16
+    "trainer.precision=32",
 ]
 
 torch.set_num_threads(min(2, torch.get_num_threads()))

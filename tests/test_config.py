@@ -80,6 +80,8 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
     SamplerSpec.from_config(model.hparams.sampler).sigmas(model.schedule)
     with open_dict(cfg.trainer):
         cfg.trainer.accelerator = "cpu"  # the group's own choice may ask for a GPU this machine lacks
+        if cfg.trainer.precision == "auto":  # fewstep.train resolves it before the Trainer (test_precision.py)
+            cfg.trainer.precision = "32"
     trainer = instantiate(cfg.trainer, callbacks=instantiate_all(cfg.callbacks), logger=instantiate_all(cfg.logger))
     assert isinstance(trainer, L.Trainer)
 
@@ -87,7 +89,7 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
 def test_defaults_are_the_embedded_cpu_setup(tmp_path):
     cfg = resolve_hydra(compose_train(), tmp_path)
     assert cfg.data.name == "mnist5k" and cfg.model.net.base_channels == 32 and cfg.schedule.schedule == "linear"
-    assert cfg.sampler.name == "ddim" and "wandb" in cfg.logger
+    assert cfg.sampler.name == "ddim" and "wandb" in cfg.logger and cfg.trainer.precision == "auto"
 
 
 def test_seed_schedule_override(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import lightning as L
 import pytest
 import torch
@@ -164,6 +166,69 @@ def test_nan_loss_stops_with_clear_message():
         model.training_step(batch, 0)
 
 
+def test_nan_check_every_n_steps_still_stops_before_a_checkpoint(tmp_path):
+    """Checked every 100 steps, a loss that blows up at step 1 still stops the run at the step-2 checkpoint,
+    before the file is written."""
+    model = small_model(lr=1e30, nan_check_every=100)
+    with pytest.raises(FloatingPointError, match=r"at step [12]: lower module.lr"):
+        fit(model, tmp_path, max_steps=6, every=2)
+    assert not list((tmp_path / "ckpt").glob("*.ckpt")), "a checkpoint of non-finite weights was written"
+    with pytest.raises(ValueError, match="nan_check_every must be an integer >= 1"):
+        small_model(nan_check_every=0)
+
+
+def test_training_step_reads_nothing_on_the_host_between_checks(monkeypatch):
+    """Between two checks a training step and its EMA update never read a tensor on the host (on a GPU
+    each read is a sync that stalls the CPU); at a check step, one read."""
+    model = small_model(nan_check_every=10)
+    batch = next(iter(toy_loader()))
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name):
+            reads.append(_name)
+            return _original(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    step = {"now": 3}
+    monkeypatch.setattr(DiffusionModel, "global_step", property(lambda self: step["now"]))
+    monkeypatch.setattr(DiffusionModel, "log", lambda self, *args, **kwargs: None)
+    for _ in range(2):
+        model.training_step(batch, 0)
+        model.ema.update_parameters(model.net)
+    assert reads == []
+    step["now"] = 10
+    model.training_step(batch, 0)
+    assert reads == ["tolist"]
+
+
+def test_ema_counts_on_the_host_and_resumes_its_count():
+    """The EMA matches torch's AveragedModel with the same warm-up, and a loaded one continues its count."""
+    from torch.optim.swa_utils import AveragedModel
+
+    from fewstep.lit.module import EMA, ema_with_warmup
+
+    net = small_model().net
+    ours, reference = EMA(net, 0.9), AveragedModel(net, multi_avg_fn=ema_with_warmup(0.9), use_buffers=True)
+    for _ in range(3):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        ours.update_parameters(net)
+        reference.update_parameters(net)
+    assert all(
+        torch.equal(a, b) for a, b in zip(ours.state_dict().values(), reference.state_dict().values(), strict=True)
+    )
+    loaded = EMA(net, 0.9)
+    loaded.load_state_dict(ours.state_dict())
+    for ema in (ours, loaded, reference):
+        ema.update_parameters(net)
+    assert int(loaded.n_averaged) == 4
+    pairs = zip(loaded.state_dict().values(), reference.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+
+
 def test_optimized_spacing_cached_per_checkpoint(tmp_path):
     model = small_model()
     fit(model, tmp_path, max_steps=4)
@@ -183,6 +248,26 @@ def test_optimized_spacing_cached_per_checkpoint(tmp_path):
     again.ema.module.forward = lambda *a, **k: calls.append(1) or net_forward(*a, **k)
     second = again.sample(2, "dpmpp_2m", steps=3, spacing="optimized", generator=torch.Generator().manual_seed(0))
     assert len(calls) == 3 and torch.equal(first, second)  # only the sampler's own 3 calls
+
+
+def test_learned_sampler_fitted_once_per_checkpoint(tmp_path):
+    model = small_model()
+    fit(model, tmp_path, max_steps=4)
+    calls: list[int] = []
+
+    def counted(path):
+        loaded = load_model(path)  # a new process would start like this
+        net_forward = loaded.ema.module.forward
+        loaded.ema.module.forward = lambda *a, **k: calls.append(1) or net_forward(*a, **k)
+        return loaded
+
+    first = counted(tmp_path / "ckpt" / "last.ckpt").sample(2, "learned", steps=3, seed=0)
+    assert len(calls) == 16 * 2 + 1 + 3 + 3  # fine solution, the fit's own 3 steps, then sampling
+    records = json.loads((tmp_path / "ckpt" / "last.optimized_sigmas.json").read_text())
+    assert [r["key"]["kind"] for r in records] == ["learned_coefficients"] and len(records[0]["value"]) == 3
+    calls.clear()
+    second = counted(tmp_path / "ckpt" / "last.ckpt").sample(2, "learned", steps=3, seed=0)
+    assert len(calls) == 3 and torch.equal(first, second)  # read from the cache: only the 3 sampling calls
 
 
 def test_dynamic_threshold_option():

@@ -7,14 +7,16 @@ import logging
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fewstep.lit import DiffusionModel, ImageDataModule, load_checkpoint
 from fewstep.lit.checkpoint import AtomicCheckpointIO
 from fewstep.lit.module import check_architecture
 from fewstep.nn.text import WordTokenizer
+from fewstep.precision import device_kind, probe_speedup, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +141,34 @@ def instantiate_all(group: DictConfig | None) -> list[Any]:
     return [instantiate(c) for c in group.values() if isinstance(c, DictConfig) and "_target_" in c]
 
 
+def resolve_trainer_precision(cfg: DictConfig, model: DiffusionModel, cache_dir: str | None = None) -> str:
+    """Resolve ``trainer.precision=auto`` in ``cfg`` (see :mod:`fewstep.precision`); warn about a 16-bit
+    precision asked on a CPU without native support. Returns the precision the Trainer will use."""
+    requested = cfg.trainer.get("precision", "32")
+    hp = model.hparams
+    batch_size = min(int(cfg.data.get("batch_size") or 32), 32)
+    network = {
+        "net": hp.net,
+        "shape": [hp.channels, hp.image_size, hp.image_size],
+        "batch_size": batch_size,
+        "num_classes": hp.num_classes,
+        "text_encoder": hp.text_encoder,
+        "prediction": hp.prediction,
+    }
+
+    accelerator = cfg.trainer.get("accelerator", "auto")
+    device = "cuda" if device_kind(accelerator) == "cuda" else "cpu"
+
+    def probe(dtype: torch.dtype) -> float:
+        return probe_speedup(model, dtype, batch_size=batch_size, device=device)
+
+    precision = resolve_precision(requested, accelerator, probe, cache_dir, network=network)
+    if str(requested) == "auto":
+        with open_dict(cfg.trainer):
+            cfg.trainer.precision = precision
+    return precision
+
+
 def train(cfg: DictConfig) -> float | None:
     """Fit the model; return the best validation loss (for Hydra sweepers)."""
     L.seed_everything(cfg.seed, workers=True)
@@ -150,6 +180,7 @@ def train(cfg: DictConfig) -> float | None:
         saved = load_checkpoint(ckpt_path)
         check_architecture(saved["hyper_parameters"], dict(model.hparams), path=str(ckpt_path))
         del saved
+    resolve_trainer_precision(cfg, model)  # before the Trainer: it does not know "auto"
     callbacks = instantiate_all(cfg.get("callbacks"))
     loggers = instantiate_all(cfg.get("logger"))
     if not loggers:  # logger=none: nothing to report learning rates to

@@ -24,6 +24,8 @@ from fewstep.samplers.spacing import make_sigmas, sigma_to_t, t_to_sigma
 class Schedule:
     """A discrete VP schedule given by its betas."""
 
+    TABLES = ("betas", "alphas", "alphas_cumprod", "train_sigmas")
+
     def __init__(self, betas: Tensor) -> None:
         betas = torch.as_tensor(betas, dtype=torch.float64)
         if betas.ndim != 1 or len(betas) < 2:
@@ -36,6 +38,7 @@ class Schedule:
         self.train_sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
         # log sigma table per device: the denoiser maps sigma -> t on every network call
         self._log_sigmas: dict[torch.device, Tensor] = {}
+        self._tables: dict[tuple[str, torch.device], Tensor] = {}  # TABLES on other devices (gather)
 
     @property
     def num_timesteps(self) -> int:
@@ -80,9 +83,20 @@ class Schedule:
         """The sampling grid: ``steps + 1`` decreasing noise levels ending in 0."""
         return make_sigmas(self.train_sigmas, steps, spacing, dtype=dtype, **options)
 
-    @staticmethod
-    def gather(table: Tensor, t: Tensor, like: Tensor) -> Tensor:
-        values = table.to(like.device)[t.long()].to(like.dtype)
+    def gather(self, table: Tensor, t: Tensor, like: Tensor) -> Tensor:
+        """``table[t]`` in ``like``'s dtype, shaped to broadcast against it.
+
+        The schedule's own tables are copied to ``like``'s device once: a copy from host memory at
+        every training step would make the CPU wait for the GPU (a host-device sync).
+        """
+        name = next((n for n in self.TABLES if getattr(self, n) is table), None)
+        if name is None:
+            on_device = table.to(like.device)
+        else:
+            on_device = self._tables.get((name, like.device))
+            if on_device is None:
+                on_device = self._tables[(name, like.device)] = table.to(like.device)
+        values = on_device[t.long()].to(like.dtype)
         return values.reshape(-1, *([1] * (like.ndim - 1)))
 
     def __repr__(self) -> str:

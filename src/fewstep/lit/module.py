@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import json
 import logging
@@ -26,6 +27,7 @@ from fewstep.diffusion.sampling import (
     SamplerSpec,
     collect,
     iter_generate,
+    learned_coefficients,
     optimized_sigmas,
 )
 from fewstep.distill.training import Distiller, check_distillation
@@ -43,6 +45,8 @@ DEFAULT_SAMPLER = {"name": "ddim", "steps": 50, "spacing": "trailing", "eta": 0.
 NO_GUIDANCE = {"name": "none", "scale": 1.0, "sigma_min": None, "sigma_max": None}
 # What must agree between a checkpoint and the run that loads it (the rest may change on resume).
 ARCHITECTURE_KEYS = ("image_size", "channels", "net", "num_classes", "text_encoder", "num_timesteps", "prediction")
+# Steps between host checks of the training loss on accelerators when module.nan_check_every is null.
+NAN_CHECK_EVERY = 50
 
 
 def ema_with_warmup(decay: float) -> Callable[[list[Tensor], list[Tensor], Tensor | int], None]:
@@ -59,6 +63,38 @@ def ema_with_warmup(decay: float) -> Callable[[list[Tensor], list[Tensor], Tenso
         torch._foreach_lerp_(ema_params, params, 1 - d)
 
     return update
+
+
+class EMA(AveragedModel):
+    """``AveragedModel`` with :func:`ema_with_warmup` that counts its updates on the host.
+
+    torch's ``update_parameters`` reads the ``n_averaged`` buffer (on the model's device) twice per
+    call and the warm-up read it once more: three host-device syncs per step on a GPU. Here the
+    count lives in a Python int (read from the buffer once after a checkpoint load); the buffer is
+    still incremented and saved, so checkpoints are the same as ``AveragedModel``'s.
+    """
+
+    def __init__(self, module: nn.Module, decay: float) -> None:
+        super().__init__(module, multi_avg_fn=ema_with_warmup(decay), use_buffers=True)
+        self._count: int | None = 0
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        if self._count is None:
+            self._count = int(self.n_averaged)
+        averaged = [*self.module.parameters(), *self.module.buffers()]
+        current = [*model.parameters(), *model.buffers()]
+        current = [p.detach().to(a.device) for a, p in zip(averaged, current, strict=True)]
+        if self._count == 0:
+            torch._foreach_copy_(averaged, current)
+        else:
+            self.multi_avg_fn(averaged, current, self._count)
+        self.n_averaged += 1
+        self._count += 1
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._count = None  # the loaded n_averaged holds the count
+        super()._load_from_state_dict(*args, **kwargs)
 
 
 def build_module(config: Mapping[str, Any], what: str, **fixed: Any) -> nn.Module:
@@ -115,6 +151,10 @@ class DiffusionModel(L.LightningModule):
         distillation: train a few-step student of a teacher checkpoint instead of a diffusion model
             (:mod:`fewstep.distill`): ``method`` progressive | consistency | consistency_training, ``teacher``,
             the method's options. Its default sampler is the student's (DDIM at its steps, consistency).
+        nan_check_every: steps between the host checks of the training loss (1: every step); ``None``:
+            every step on a CPU (free there), every ``NAN_CHECK_EVERY`` steps on accelerators, where a
+            check waits for the device. A non-finite loss in between is recorded on the device and
+            still stops the run before any checkpoint is written (see :meth:`check_finite`).
     """
 
     def __init__(
@@ -145,6 +185,7 @@ class DiffusionModel(L.LightningModule):
         label_dropout: float | None = None,
         data: Mapping[str, Any] | None = None,
         distillation: Mapping[str, Any] | None = None,
+        nan_check_every: int | None = None,
     ) -> None:
         super().__init__()
         if net is not None and unet is not None:
@@ -160,6 +201,8 @@ class DiffusionModel(L.LightningModule):
         cond_dropout = cond_dropout if label_dropout is None else label_dropout  # older checkpoints' name
         if not 0 <= cond_dropout < 1:
             raise ValueError(f"module.cond_dropout must be in [0, 1), got {cond_dropout}")
+        if nan_check_every is not None and (not isinstance(nan_check_every, int) or nan_check_every < 1):
+            raise ValueError(f"module.nan_check_every must be an integer >= 1 or null, got {nan_check_every!r}")
         self.save_hyperparameters(
             {
                 "image_size": image_size,
@@ -186,6 +229,7 @@ class DiffusionModel(L.LightningModule):
                 "cond_dropout": cond_dropout,
                 "data": _plain(dict(data)) if data else None,
                 "distillation": distillation,
+                "nan_check_every": nan_check_every,
             }
         )
         if schedule == "linear":
@@ -214,17 +258,15 @@ class DiffusionModel(L.LightningModule):
             num_classes=num_classes,
             context_dim=context_dim,
         )
-        self.ema: AveragedModel | None = None
-        self.ema_text: AveragedModel | None = None
+        self.ema: EMA | None = None
+        self.ema_text: EMA | None = None
         if ema_decay:
             if not 0 < ema_decay < 1:
                 raise ValueError(f"module.ema_decay must be in (0, 1) or null, got {ema_decay}")
-            self.ema = AveragedModel(self.net, multi_avg_fn=ema_with_warmup(ema_decay), use_buffers=True)
+            self.ema = EMA(self.net, ema_decay)
             self.ema.requires_grad_(False)
             if self.trains_text_encoder:
-                self.ema_text = AveragedModel(
-                    self.text_encoder, multi_avg_fn=ema_with_warmup(ema_decay), use_buffers=True
-                )
+                self.ema_text = EMA(self.text_encoder, ema_decay)
                 self.ema_text.requires_grad_(False)
         self.distiller = Distiller(distillation, self.schedule, self.parameterisation) if distillation else None
         if self.distiller is not None and self.distiller.method != "progressive":
@@ -233,7 +275,9 @@ class DiffusionModel(L.LightningModule):
         # Set by load_model: where optimized grids of this checkpoint are cached, and its identity.
         self.sigmas_cache: Path | None = None
         self.checkpoint_id: str | None = None
-        self._optimized: dict[str, Tensor] = {}
+        self._optimized: dict[str, Any] = {}  # optimized grids and learned coefficients, per weights
+        # [first step with a non-finite training loss (-1: none yet), that loss], kept on the loss's device
+        self._nonfinite: Tensor | None = None
 
     @property
     def trains_text_encoder(self) -> bool:
@@ -319,13 +363,49 @@ class DiffusionModel(L.LightningModule):
             loss = self.distiller.loss(self, x0, cond)
         else:
             loss = self.parameterisation.loss(self.net, x0, cond)
-        if not torch.isfinite(loss):
+        self.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=len(x0))
+        self.watch_loss(loss, len(x0))
+        return loss
+
+    # A non-finite loss must stop the run with a clear error, but reading the loss on the host every
+    # step makes the CPU wait for the GPU. So each step records a non-finite loss on the device (no
+    # sync) and the host looks every nan_check_every steps, at the last step, and, whatever the
+    # cadence, in on_save_checkpoint (which Lightning calls before it writes any checkpoint, so the
+    # error is raised instead of saving bad weights), at each validation and when training ends.
+    # Between two checks at most nan_check_every - 1 steps (and possibly a sample grid) are wasted.
+    def watch_loss(self, loss: Tensor, batch_size: int) -> None:
+        """Record a non-finite ``loss`` on its device; check on the host when due (and show it in the progress bar)."""
+        step = self.global_step
+        loss = loss.detach().double()
+        if self._nonfinite is None or self._nonfinite.device != loss.device:
+            self._nonfinite = torch.full((2,), -1.0, dtype=torch.float64, device=loss.device)
+        first = ~torch.isfinite(loss) & (self._nonfinite[0] < 0)
+        self._nonfinite = torch.where(first, torch.stack([torch.full_like(loss, step), loss]), self._nonfinite)
+        every = self.hparams.get("nan_check_every") or (1 if loss.device.type == "cpu" else NAN_CHECK_EVERY)
+        last = self._trainer is not None and 0 < self.trainer.max_steps <= step + 1
+        if step % every == 0 or last:
+            current = self.check_finite(loss)
+            # a host (CPU) tensor: the progress bar reads it without waiting for the device
+            self.log("loss", torch.tensor(current), prog_bar=True, logger=False, batch_size=batch_size)
+
+    def check_finite(self, loss: Tensor | None = None) -> float | None:
+        """Raise if a recorded training loss was non-finite (one host sync); return ``loss`` as a float."""
+        if self._nonfinite is None:
+            return None
+        values = self._nonfinite if loss is None else torch.cat([self._nonfinite, loss.reshape(1)])
+        step, value, *current = values.tolist()
+        if step >= 0:
             raise FloatingPointError(
-                f"the training loss became {loss.item()} at step {self.global_step}: lower module.lr "
+                f"the training loss became {value} at step {int(step)}: lower module.lr "
                 f"(now {self.hparams.lr}), keep trainer.gradient_clip_val set, or train in precision=32"
             )
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(x0))
-        return loss
+        return current[0] if current else None
+
+    def on_validation_epoch_start(self) -> None:
+        self.check_finite()
+
+    def on_train_end(self) -> None:
+        self.check_finite()
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -357,6 +437,7 @@ class DiffusionModel(L.LightningModule):
 
     # -------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_finite()  # before Lightning writes the file: never a checkpoint of non-finite weights
         # RNG state so that a resumed run draws the same t / noise as an uninterrupted one would.
         # Stored as tensors and plain lists: the checkpoint stays loadable with weights_only=True.
         np_state = np.random.get_state()
@@ -466,6 +547,10 @@ class DiffusionModel(L.LightningModule):
             cond = self.condition(num_samples, y, prompt, use_ema)
             guide = self.guidance(guidance, use_ema)
             sigmas = self.optimized_sigmas(spec, use_ema) if spec.spacing == OPTIMIZED else None
+            if spec.name == "learned" and spec.options.get("coefficients") is None:
+                grid = sigmas if sigmas is not None else spec.sigmas(self.schedule)
+                coefficients = self.learned_coefficients(spec, grid, use_ema)
+                spec = dataclasses.replace(spec, options={**spec.options, "coefficients": coefficients})
             for result in iter_generate(
                 self.denoiser(use_ema),
                 self.schedule,
@@ -508,6 +593,31 @@ class DiffusionModel(L.LightningModule):
         """
         result = collect(self.sample_batches(num_samples, sampler, steps, spacing, **kwargs), progress)
         return result if return_result else result.images
+
+    def learned_coefficients(self, spec: SamplerSpec, sigmas: Tensor, use_ema: bool = True) -> list[list[float]]:
+        """``sampler=learned``'s weights for this model and grid, fitted on unconditional (null-condition)
+        trajectories: cached beside the checkpoint (keyed by the file's hash), or in memory for the
+        current training step."""
+        shape = (self.hparams.channels, self.hparams.image_size, self.hparams.image_size)
+        key = {
+            "weights": self.checkpoint_id or f"step-{self.global_step}",
+            "ema": bool(use_ema and self.ema is not None),
+        }
+        memo = json.dumps([key, "learned", sigmas.tolist(), spec.options, spec.dynamic_threshold], default=str)
+        if memo not in self._optimized:
+            if len(self._optimized) > 32:
+                self._optimized.clear()
+            self._optimized[memo] = learned_coefficients(
+                self.denoiser(use_ema),
+                spec,
+                sigmas,
+                shape,
+                device=self.device,
+                cond=self.condition(64, use_ema=use_ema),
+                cache_path=self.sigmas_cache if self.checkpoint_id else None,
+                cache_key=key,
+            )
+        return self._optimized[memo]
 
     def optimized_sigmas(self, spec: SamplerSpec, use_ema: bool = True) -> Tensor:
         """The ``optimized`` grid for this model and sampler: cached beside the checkpoint it was
