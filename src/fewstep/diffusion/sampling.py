@@ -160,13 +160,13 @@ def learned_coefficients(
     """``sampler=learned``'s weights for this model and grid (:func:`fewstep.samplers.learned.fit_coefficients`,
     on a fixed batch of ``batch_size`` noises), stored in the JSON file ``cache_path`` under
     ``cache_key`` (which must identify the weights) plus the grid and options: computed once."""
-    history = int(spec.options.get("history", 3))
+    history, form = int(spec.options.get("history", 3)), str(spec.options.get("form", "eps"))
     steps = len(sigmas) - 1
 
     def compute() -> list[list[float]]:
         noise = torch.randn((batch_size, *shape), generator=torch.Generator().manual_seed(0)).to(device)
         batch_cond = {k: v[:batch_size] for k, v in (cond or {}).items()}
-        return fit_coefficients(spec.wrap(denoiser), noise, sigmas, history=history, cond=batch_cond)
+        return fit_coefficients(spec.wrap(denoiser), noise, sigmas, form=form, history=history, cond=batch_cond)
 
     if cache_path is None:
         return compute()
@@ -179,6 +179,7 @@ def learned_coefficients(
         "kind": "learned_coefficients",
         "sigmas": [float(v) for v in sigmas.tolist()],
         "history": history,
+        "form": form,
         "dynamic_threshold": spec.dynamic_threshold,
         "shape": list(shape),
         "batch_size": batch_size,
