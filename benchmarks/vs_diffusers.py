@@ -106,6 +106,10 @@ FEWSTEP = [
     ("ipndm", {}),
     ("ipndm", {"spacing": "logsnr"}),
     ("ipndm", {"spacing": "trailing"}),
+    ("deis", {}),
+    ("deis", {"spacing": "logsnr"}),
+    ("deis", {"order": 4}),
+    ("deis", {"order": 4, "spacing": "logsnr"}),
 ]
 
 
@@ -208,10 +212,10 @@ def compare(
     for spacing in args.learned:
         label = f"learned ({spacing})"
         for nfe in nfes:
-            if spacing == "optimized":  # the grid searched for DPM-Solver++(2M), then the weights on it
+            if spacing == "optimized":  # the grid searched for the unfitted rule, then the weights on it
                 starts = [schedule.sigmas(nfe, s, dtype=torch.float64) for s in ("karras", "logsnr", "quadratic")]
                 counting = CountingDenoiser(denoiser)
-                sigmas = optimize_sigmas(counting, fit_noise, starts, "dpmpp_2m", options={"lower_order_final": False})
+                sigmas = optimize_sigmas(counting, fit_noise, starts, "learned")  # unfitted: DEIS, log sigma
                 fit_calls += counting.calls
             else:
                 sigmas = schedule.sigmas(nfe, spacing, dtype=torch.float64)
