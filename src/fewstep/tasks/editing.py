@@ -33,6 +33,7 @@ INVERTIBLE: dict[str, dict[str, float]] = {
     "dpmpp_3m": {},
     "unipc": {},
     "ipndm": {},
+    "deis": {},
 }
 
 
