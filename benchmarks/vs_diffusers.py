@@ -195,7 +195,8 @@ def compare(
                 try:
                     x = run_diffusers(cls_name, config, steps, model, start, sigma_max)
                 except Exception as err:  # a configuration diffusers refuses at this step count
-                    print(f"  {name} at {nfe} NFE: {type(err).__name__}: {str(err).splitlines()[0][:100]}")
+                    reason = (str(err).splitlines() or [""])[0][:100]  # (an assert may carry no message)
+                    print(f"  {name} at {nfe} NFE: {type(err).__name__}: {reason}")
                     continue
                 assert model.calls == calls_of(steps), (name, model.calls, calls_of(steps))
                 err = rms(x, reference)
@@ -360,6 +361,7 @@ def main() -> None:
         gmm_case(args, out)
     for path in args.ckpt:
         checkpoint_case(path, args, out)
+        Path(args.out + ".json").write_text(json.dumps(out, indent=1))  # each case as soon as it is done
     for case, results in out.items():
         report(case, results, args.nfe)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -101,7 +101,16 @@ GMM = GaussianMixture.random(dim=4, components=3, seed=0, spread=1.0)
 DATA = GMM.sample(256, torch.Generator().manual_seed(1))
 
 # (sampler, step counts, the order the round trip must at least show)
-ROUND_TRIP = [("ddim", 1), ("euler", 1), ("heun", 2), ("dpmpp_2m", 2), ("dpmpp_3m", 3), ("unipc", 3), ("ipndm", 3), ("deis", 2)]
+ROUND_TRIP = [
+    ("ddim", 1),
+    ("euler", 1),
+    ("heun", 2),
+    ("dpmpp_2m", 2),
+    ("dpmpp_3m", 3),
+    ("unipc", 3),
+    ("ipndm", 3),
+    ("deis", 2),
+]
 
 
 @pytest.mark.parametrize(("name", "order"), ROUND_TRIP)
