@@ -16,7 +16,14 @@ from hydra.utils import instantiate
 from fewstep.lit import load_model
 from fewstep.train import build_model
 
-DATA = ["data.image_size=16", "data.batch_size=8", "logger=none", "callbacks.sample_grid.num_samples=4"]
+# fp32 on every machine, as conftest's TINY_NET (precision=auto may pick bf16 where the CPU has it natively)
+DATA = [
+    "data.image_size=16",
+    "data.batch_size=8",
+    "logger=none",
+    "callbacks.sample_grid.num_samples=4",
+    "trainer.precision=32",
+]
 PROGRESSIVE = [
     "experiment=distill_progressive",
     "module.distillation.teacher_steps=4",

@@ -188,7 +188,7 @@ class Distiller:
         self.objective = ProgressiveDistillation(self.schedule, self.student_steps)
         module.hparams.sampler = self.sampler()
         if module.ema is not None:
-            module.ema.n_averaged.zero_()  # the EMA restarts from the current weights (its warm-up)
+            module.ema.restart()  # the EMA restarts from the current weights (its warm-up)
         log.info("progressive distillation: round %d, student of %d steps", self.round + 1, self.student_steps)
 
     # ------------------------------------------------------------------------------ checkpoints

@@ -92,6 +92,11 @@ class EMA(AveragedModel):
         self.n_averaged += 1
         self._count += 1
 
+    def restart(self) -> None:
+        """Start averaging afresh: the next update copies the weights (the warm-up begins again)."""
+        self.n_averaged.zero_()
+        self._count = 0
+
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self._count = None  # the loaded n_averaged holds the count
         super()._load_from_state_dict(*args, **kwargs)
