@@ -15,12 +15,8 @@ import torch
 from torch import Tensor
 
 from fewstep.samplers.ode import sample_heun
+from fewstep.samplers.optimize import _karras as karras_grid
 from fewstep.samplers.registry import batch_sigma, check_sigmas, noise_like, register
-
-
-def _karras_levels(sigma_max: float, sigma_min: float, steps: int, rho: float = 7.0) -> Tensor:
-    ramp = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
-    return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
 
 
 @register("restart")
@@ -62,7 +58,7 @@ def sample_restart(
     if restart_at > 0:
         x = sample_heun(denoiser, x, sigmas[: restart_at + 1], callback=callback, cond=cond)
     if restart_times > 0 and s_min < restart_sigma_max:
-        loop = _karras_levels(restart_sigma_max, s_min, restart_steps).to(sigmas)
+        loop = karras_grid(restart_sigma_max, s_min, restart_steps + 1)[:-1].to(sigmas)  # no final 0
         for _ in range(restart_times):
             x = x + math.sqrt(restart_sigma_max**2 - s_min**2) * noise_like(x, generator)
             x = sample_heun(denoiser, x, loop, cond=cond)
