@@ -1,27 +1,28 @@
 """``learned``: a multistep solver whose few coefficients per step are fitted to one model.
 
-The form is DPM-Solver++'s (Lu et al. 2022b, Eq. 9 with its data-prediction multistep update): with
-``r_i = sigma_{i+1} / sigma_i``,
+Two forms of a linear multistep step from sigma_i to sigma_{i+1} (``r_i = sigma_{i+1} / sigma_i``):
 
-    x_{i+1} = r_i x_i + (1 - r_i) sum_j w_ij D_{i-j},    j = 0 .. history - 1,
+    eps  (default):  x_{i+1} = x_i + (sigma_{i+1} - sigma_i) sum_j w_ij eps_{i-j},   eps_k = (x_k - D_k) / sigma_k
+    data:            x_{i+1} = r_i x_i + (1 - r_i) sum_j w_ij D_{i-j},              j = 0 .. history - 1,
 
-where ``D_k`` is the denoiser output at step k. DPM-Solver++(2M) is one choice of the weights
-(``w = (1 + 1/(2 rho), -1/(2 rho))``, ``rho = h_{i-1} / h_i``) and the one used when none are given.
-At few steps no fixed rule is accurate, so, in the spirit of PAS (Wang et al. 2024, "Diffusion
-sampling correction via approximately 10 parameters") and AMED (Zhou et al. 2024), the weights are
-learned per model and per grid, from the model's own trajectories:
+where ``D_k`` is the denoiser output at step k. DEIS with polynomials in log sigma (Zhang & Chen
+2023; :func:`~fewstep.samplers.multistep.sample_deis`) is one choice of the eps weights,
+DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2) one of the data weights; they are used when none are
+given. At few steps no fixed rule is accurate on every model, so, in the spirit of PAS (Wang et al.
+2024, "Diffusion sampling correction via approximately 10 parameters") and AMED (Zhou et al. 2024),
+the weights are learned per model and per grid, from the model's own trajectories:
 
 1. a fine solution of the probability-flow ODE from a batch of noises, recorded at the grid's levels
    (DPM-Solver++(3M) on a grid that refines every interval ``substeps`` times in log sigma);
-2. step by step, from the solver's *own* state so far (not the teacher's: errors must be corrected,
-   not assumed away), the weights of step i solve the linear least-squares problem
-   ``min_w || x*_{i+1} - r_i x_i - (1 - r_i) sum_j w_j D_{i-j} ||^2 + lambda || w - w_dpm ||^2``
-   in closed form; ``lambda`` (``ridge`` times the mean squared norm of the outputs) pulls towards
-   DPM-Solver++, more strongly the shorter the step.
+2. step by step, from the solver's *own* state so far (not the fine solution's: errors must be
+   corrected, not assumed away), the weights of step i solve the linear least-squares problem
+   ``min_w || x*_{i+1} - step_i(x_i, w) ||^2 + lambda || w - w_fixed ||^2`` in closed form; ``lambda``
+   (``ridge`` times the mean squared norm of the terms) pulls towards the fixed rule, more strongly
+   the shorter the step.
 
 That is ``history`` numbers per step (30 at 10 steps), fitted from ``fine NFE + steps`` network calls on
-the fitting batch, no gradients. The final step to sigma = 0 is ``sum_j w_j D_{i-j}``, fitted to the
-fine solution's denoised end.
+the fitting batch, no gradients. The final step (to sigma = 0) is fitted to the fine solution's
+denoised end.
 """
 
 from __future__ import annotations
