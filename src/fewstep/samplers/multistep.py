@@ -218,20 +218,6 @@ def sample_unipc(
 
 # Adams-Bashforth weights on a uniform grid, newest output first (the classic iPNDM table).
 _AB = {1: [1.0], 2: [3 / 2, -1 / 2], 3: [23 / 12, -16 / 12, 5 / 12], 4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
-_GAUSS3 = [(-math.sqrt(3 / 5), 5 / 18), (0.0, 8 / 18), (math.sqrt(3 / 5), 5 / 18)]
-
-
-def _ab_weights(nodes: list[float], a: float, b: float) -> list[float]:
-    """Mean over [a, b] of each Lagrange basis polynomial on ``nodes`` (newest first), by 3-point
-    Gauss-Legendre, exact up to degree 5: the variable-step Adams-Bashforth weights."""
-    weights = []
-    for j, nj in enumerate(nodes):
-        total = 0.0
-        for z, w in _GAUSS3:
-            t = (a + b) / 2 + (b - a) / 2 * z
-            total += w * math.prod((t - nm) / (nj - nm) for m, nm in enumerate(nodes) if m != j)
-        weights.append(total)
-    return weights
 
 
 @register("ipndm")
@@ -272,7 +258,11 @@ def sample_ipndm(
             continue
         eps_hist = [(x - denoised) / s[i], *eps_hist[: order - 1]]
         k = _step_order(i, steps, order, lower_order_final)
-        weights = _ab_weights([s[i - j] for j in range(k)], s[i], s[i + 1]) if variable_step else _AB[k]
+        if variable_step:  # DEIS's rho-AB weights, as a mean over the step
+            integrals = _deis_weights([s[i - j] for j in range(k)], s[i], s[i + 1], "sigma")
+            weights = [w / (s[i + 1] - s[i]) for w in integrals]
+        else:
+            weights = _AB[k]
         x = x + (s[i + 1] - s[i]) * sum(w * e for w, e in zip(weights, eps_hist[:k], strict=True))
     return x
 
