@@ -46,11 +46,11 @@ sys.path.insert(0, str(ROOT / "tests"))  # the Gaussian mixture and its exact OD
 from gmm import GaussianMixture, ode_reference  # noqa: E402
 
 from fewstep.config import sampler_config  # noqa: E402
-from fewstep.diffusion.sampling import CountingDenoiser  # noqa: E402
+from fewstep.diffusion.sampling import OPTIMIZE_FROM, CountingDenoiser  # noqa: E402
 from fewstep.diffusion.schedules import LinearSchedule, Schedule  # noqa: E402
 from fewstep.samplers import SAMPLERS  # noqa: E402
 from fewstep.samplers.learned import fit_coefficients  # noqa: E402
-from fewstep.samplers.optimize import optimize_sigmas  # noqa: E402
+from fewstep.samplers.optimize import ld3_sigmas, optimize_sigmas  # noqa: E402
 from fewstep.samplers.spacing import t_to_sigma  # noqa: E402
 
 NFES = (4, 5, 6, 8, 10, 15, 20)
@@ -178,7 +178,7 @@ def compare(
     results: dict[str, dict] = {"diffusers": {}, "fewstep": {}}
     betas = schedule.betas.tolist()
     t0 = time.perf_counter()
-    for label, cls_name, options, calls_of, steps_of in DIFFUSERS:
+    for label, cls_name, options, calls_of, steps_of in DIFFUSERS if args.diffusers else []:
         spacings = [("leading", False), ("linspace", False), ("trailing", False)]
         if cls_name in KARRAS_CAPABLE:
             spacings.append(("linspace", True))
@@ -202,7 +202,7 @@ def compare(
                 err = rms(x, reference)
                 results["diffusers"].setdefault(name, {})[nfe] = (model.calls, err if math.isfinite(err) else None)
     t1 = time.perf_counter()
-    for name, override in FEWSTEP:
+    for name, override in FEWSTEP if args.fixed else []:
         label = fewstep_label(name, override)
         for nfe in nfes:
             x, calls = run_fewstep(name, override, nfe, denoiser, schedule, noise)
@@ -228,6 +228,21 @@ def compare(
             x = SAMPLERS["learned"](counting, noise * grid[0], grid, coefficients=coefficients)
             err = rms(x, reference)
             results["fewstep"].setdefault(label, {})[nfe] = (counting.calls, err if math.isfinite(err) else None)
+    t3 = time.perf_counter()
+    for name in args.tuned:  # grids tuned to the model: coordinate descent (optimized) against LD3
+        for method, tune in (("optimized", optimize_sigmas), ("ld3", ld3_sigmas)):
+            for nfe in args.tuned_nfe:
+                starts = [schedule.sigmas(nfe, s, dtype=torch.float64) for s in OPTIMIZE_FROM]
+                counting, start_time = CountingDenoiser(denoiser), time.perf_counter()
+                sigmas = tune(counting, fit_noise, starts, name)
+                seconds = time.perf_counter() - start_time
+                counting, grid = CountingDenoiser(denoiser), sigmas.to(noise.dtype)
+                with torch.no_grad():
+                    err = rms(SAMPLERS[name](counting, noise * grid[0], grid), reference)
+                results["fewstep"].setdefault(f"{name} ({method})", {})[nfe] = (counting.calls, err)
+                tuning = f"tuning {seconds:.0f} s on {len(fit_noise)} noises"
+                print(f"  {name} ({method}) at {nfe} NFE: error {err:.4g}; {tuning}", flush=True)
+    t2 += time.perf_counter() - t3  # reported apart
     print(
         f"  ({case}: diffusers runs {t1 - t0:.0f} s, fewstep runs {t2 - t1:.0f} s, learned: fits"
         f" {fit_calls} calls on {len(fit_noise)} other noises + runs, {time.perf_counter() - t2:.0f} s)"
@@ -256,6 +271,8 @@ def report(case: str, results: dict, nfes) -> None:
     print("\n| NFE | best diffusers | error | best fewstep | error | diffusers / fewstep |")
     print("|---:|---|---:|---|---:|---:|")
     for n in nfes:
+        if not all(any(n in row for row in results[lib].values()) for lib in ("diffusers", "fewstep")):
+            continue  # a library was skipped (--no-diffusers, --no-fixed)
         (dl, de), (fl, fe) = best(results["diffusers"], n), best(results["fewstep"], n)
         print(f"| {n} | {dl} | {de:.3g} | {fl} | {fe:.3g} | {de / fe:.2f}x |")
 
@@ -308,7 +325,7 @@ def checkpoint_case(path: str, args, out: dict) -> None:
     from fewstep.diffusion import Denoiser
     from fewstep.lit import load_model
 
-    model = load_model(path).eval()
+    model = load_model(path).eval().requires_grad_(False)  # ld3 differentiates for the grid only
     # the raw network (no x0 clipping): the pure probability-flow ODE of what was trained
     denoiser = Denoiser(model.sampling_net(), model.parameterisation, clip_x0=None).eval()
     schedule = model.parameterisation.schedule
@@ -345,6 +362,12 @@ def main() -> None:
     parser.add_argument(
         "--learned", nargs="*", default=["karras", "logsnr"], help="grids of the learned sampler (+ optimized)"
     )
+    parser.add_argument(
+        "--tuned", nargs="*", default=["dpmpp_2m"], help="samplers whose grid is tuned: optimized against ld3"
+    )
+    parser.add_argument("--tuned-nfe", type=int, nargs="+", default=[5, 10], help="budgets of the tuned grids")
+    parser.add_argument("--no-diffusers", dest="diffusers", action="store_false", help="skip diffusers' schedulers")
+    parser.add_argument("--no-fixed", dest="fixed", action="store_false", help="skip fewstep's fixed-grid samplers")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", default=str(ROOT / "assets" / "vs_diffusers"), help="writes OUT.json and OUT.png")
     parser.add_argument("--quick", action="store_true", help="64-d mixture, 5 and 10 NFE")

@@ -250,6 +250,27 @@ def test_optimized_spacing_cached_per_checkpoint(tmp_path):
     assert len(calls) == 3 and torch.equal(first, second)  # only the sampler's own 3 calls
 
 
+def test_ld3_spacing_cached_and_leaves_the_weights_alone(tmp_path):
+    model = small_model()
+    fit(model, tmp_path, max_steps=4)
+    loaded = load_model(tmp_path / "ckpt" / "last.ckpt")
+    flags = [p.requires_grad for p in loaded.parameters()]
+    before = [p.detach().clone() for p in loaded.parameters()]
+    first = loaded.sample(2, "dpmpp_2m", steps=3, spacing="ld3", seed=0)
+    assert first.shape == (2, 1, 16, 16) and torch.isfinite(first).all()
+    assert [p.requires_grad for p in loaded.parameters()] == flags  # unfrozen again
+    assert all(p.grad is None for p in loaded.parameters())  # the grid was fitted, not the network
+    assert all(torch.equal(a, b) for a, b in zip(before, loaded.parameters(), strict=True))
+    records = json.loads((tmp_path / "ckpt" / "last.optimized_sigmas.json").read_text())
+    assert [r["key"].get("spacing") for r in records] == ["ld3"]
+    again = load_model(tmp_path / "ckpt" / "last.ckpt")  # a new process would start like this
+    calls: list[int] = []
+    net_forward = again.ema.module.forward
+    again.ema.module.forward = lambda *a, **k: calls.append(1) or net_forward(*a, **k)
+    second = again.sample(2, "dpmpp_2m", steps=3, spacing="ld3", seed=0)
+    assert len(calls) == 3 and torch.equal(first, second)  # read from the cache: only the 3 sampling calls
+
+
 def test_learned_sampler_fitted_once_per_checkpoint(tmp_path):
     model = small_model()
     fit(model, tmp_path, max_steps=4)

@@ -23,7 +23,7 @@ from torch import Tensor
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
-from fewstep.diffusion.sampling import OPTIMIZED, CountingDenoiser, sample_seeds
+from fewstep.diffusion.sampling import MODEL_SPACINGS, CountingDenoiser, sample_seeds
 from fewstep.lit import DiffusionModel, load_model
 from fewstep.sample import build_adherence, build_scores, choose_sampler, pick_device
 from fewstep.samplers import SampleGenerators, get_sampler
@@ -166,7 +166,7 @@ def run_task(cfg: DictConfig) -> dict:
         start_index(spec.steps, task.get("strength", 1.0))  # a bad strength fails before anything runs
     inputs = load_inputs(cfg, model)
     masks = build_masks(task, inputs, int(cfg.seed), bool(cfg.resize)) if task["name"] == "inpaint" else None
-    sigmas = model.optimized_sigmas(spec, cfg.ema) if spec.spacing == OPTIMIZED else spec.sigmas(model.schedule)
+    sigmas = model.optimized_sigmas(spec, cfg.ema) if spec.spacing in MODEL_SPACINGS else spec.sigmas(model.schedule)
     evaluate = bool(cfg.get("eval", False))
     if evaluate and len(inputs.images) < 2:
         raise ValueError("eval=true needs n >= 2 images (FID fits a covariance)")

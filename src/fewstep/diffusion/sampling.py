@@ -2,8 +2,9 @@
 
 A sampler config is flat (``conf/sampler/NAME.yaml``): ``name``, ``steps``, ``spacing``, the
 spacing's options and ``dynamic_threshold`` are read here, every other key goes to the sampler
-function as an option. ``spacing: optimized`` tunes the grid to the model (see
-:func:`optimized_sigmas`), ``sampler: learned`` its step weights (:func:`learned_coefficients`).
+function as an option. ``spacing: optimized`` (coordinate descent) and ``spacing: ld3`` (gradient
+descent, LD3) tune the grid to the model (see :func:`optimized_sigmas`), ``sampler: learned`` its step
+weights (:func:`learned_coefficients`).
 """
 
 from __future__ import annotations
@@ -27,13 +28,15 @@ from fewstep.diffusion.schedules import Schedule
 from fewstep.diffusion.thresholding import DynamicThreshold
 from fewstep.samplers import SPACINGS, SampleGenerators, get_sampler
 from fewstep.samplers.learned import fit_coefficients
-from fewstep.samplers.optimize import load_or_compute, load_or_optimize, optimize_sigmas
+from fewstep.samplers.optimize import ld3_sigmas, load_or_compute, load_or_optimize, optimize_sigmas
 
 log = logging.getLogger(__name__)
 SPACING_OPTIONS = ("rho", "sigma_min", "sigma_max")
 OPTIMIZED = "optimized"
+LD3 = "ld3"
+MODEL_SPACINGS = (OPTIMIZED, LD3)  # grids tuned to a model: they need the denoiser, not only the schedule
 # Grids the optimized spacing starts from (it keeps the best of them as its starting point).
-OPTIMIZE_FROM = ("karras", "logsnr", "quadratic")
+OPTIMIZE_FROM = ("karras", "logsnr", "quadratic", "trailing")
 AUTO = "auto"
 # sampler=auto: the measured best configuration up to a number of network calls (its steps), from
 # benchmarks/vs_diffusers.py on trained networks (docs/samplers.md, "fewstep vs diffusers"): UniPC-2 on
@@ -70,8 +73,8 @@ class SamplerSpec:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"sampler.steps must be an integer >= 1, got {steps!r}")
         spacing = merged.pop("spacing", "trailing")
-        if spacing not in SPACINGS and spacing != OPTIMIZED:
-            valid = ", ".join([*sorted(SPACINGS), OPTIMIZED])
+        if spacing not in SPACINGS and spacing not in MODEL_SPACINGS:
+            valid = ", ".join([*sorted(SPACINGS), *MODEL_SPACINGS])
             raise ValueError(f"unknown sampler.spacing={spacing!r}; choose one of: {valid}")
         spacing_options = {k: merged.pop(k) for k in SPACING_OPTIONS if k in merged and merged[k] is not None}
         for key in SPACING_OPTIONS:
@@ -87,9 +90,9 @@ class SamplerSpec:
         return cls(name, steps, spacing, spacing_options, merged, threshold)
 
     def sigmas(self, schedule: Schedule) -> Tensor:
-        """The grid of a fixed spacing (the optimized one needs a model: :func:`optimized_sigmas`)."""
-        if self.spacing == OPTIMIZED:
-            raise ValueError("spacing=optimized depends on the model; sample through DiffusionModel.sample")
+        """The grid of a fixed spacing (optimized and ld3 need a model: :func:`optimized_sigmas`)."""
+        if self.spacing in MODEL_SPACINGS:
+            raise ValueError(f"spacing={self.spacing} depends on the model; sample through DiffusionModel.sample")
         return schedule.sigmas(self.steps, self.spacing, dtype=torch.float64, **self.spacing_options)
 
     def wrap(self, denoiser: Callable[..., Tensor]) -> Callable[..., Tensor]:
@@ -114,19 +117,27 @@ def optimized_sigmas(
     cache_path: str | Path | None = None,
     cache_key: Mapping | None = None,
 ) -> Tensor:
-    """The ``optimized`` spacing: the grid minimising this sampler's error to a fine-step ODE
-    solution for this model (in the spirit of Align Your Steps, Sabour et al. 2024), searched from
-    the best of the Karras, log-SNR and quadratic grids on a fixed batch of ``batch_size`` noises.
+    """The grid of a model spacing: the one minimising this sampler's error to a fine-step ODE
+    solution for this model, from the best of the Karras, log-SNR, quadratic and trailing grids on a fixed
+    batch of ``batch_size`` noises. ``spacing=optimized``: coordinate descent on the levels (in the
+    spirit of Align Your Steps, Sabour et al. 2024; :func:`optimize_sigmas`), any deterministic
+    sampler. ``spacing=ld3``: gradient descent through the sampler (LD3, Tong et al. 2025;
+    :func:`ld3_sigmas`), half the batch to fit, half to pick the best grid; ``ddim``, ``dpmpp_2m``
+    and ``dpmpp_3m``.
 
-    The search costs hundreds of network calls, so with ``cache_path`` the grid is stored in that
-    JSON file under ``cache_key`` (which must identify the weights) plus the sampler, its options,
-    the steps and the shape, and computed once.
+    Either costs hundreds to thousands of network calls, so with ``cache_path`` the grid is stored in
+    that JSON file under ``cache_key`` (which must identify the weights) plus the sampler, its
+    options, the steps and the shape, and computed once.
     """
+    if spec.spacing not in MODEL_SPACINGS:
+        raise ValueError(f"spacing={spec.spacing} is not tuned to a model; use SamplerSpec.sigmas")
     starts = [schedule.sigmas(spec.steps, s, dtype=torch.float64, **spec.spacing_options) for s in OPTIMIZE_FROM]
 
     def compute() -> Tensor:
         generator = torch.Generator().manual_seed(0)
         noise = torch.randn((batch_size, *shape), generator=generator).to(device)
+        if spec.spacing == LD3:
+            return ld3_sigmas(spec.wrap(denoiser), noise, starts, spec.name, options=spec.options, log=log.info)
         return optimize_sigmas(spec.wrap(denoiser), noise, starts, spec.name, options=spec.options)
 
     if cache_path is None:
@@ -140,6 +151,7 @@ def optimized_sigmas(
         "spacing_options": spec.spacing_options,
         "shape": list(shape),
         "batch_size": batch_size,
+        **({"spacing": LD3} if spec.spacing == LD3 else {}),  # optimized entries keep their old keys
     }
     return load_or_optimize(cache_path, key, compute)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import importlib
@@ -21,7 +22,7 @@ from torch.optim.swa_utils import AveragedModel
 from fewstep.config import sampler_config
 from fewstep.diffusion import Denoiser, Parameterisation, make_schedule
 from fewstep.diffusion.sampling import (
-    OPTIMIZED,
+    MODEL_SPACINGS,
     Guidance,
     SampleResult,
     SamplerSpec,
@@ -551,7 +552,7 @@ class DiffusionModel(L.LightningModule):
         try:
             cond = self.condition(num_samples, y, prompt, use_ema)
             guide = self.guidance(guidance, use_ema)
-            sigmas = self.optimized_sigmas(spec, use_ema) if spec.spacing == OPTIMIZED else None
+            sigmas = self.optimized_sigmas(spec, use_ema) if spec.spacing in MODEL_SPACINGS else None
             if spec.name == "learned" and spec.options.get("coefficients") is None:
                 grid = sigmas if sigmas is not None else spec.sigmas(self.schedule)
                 coefficients = self.learned_coefficients(spec, grid, use_ema)
@@ -625,29 +626,43 @@ class DiffusionModel(L.LightningModule):
         return self._optimized[memo]
 
     def optimized_sigmas(self, spec: SamplerSpec, use_ema: bool = True) -> Tensor:
-        """The ``optimized`` grid for this model and sampler: cached beside the checkpoint it was
+        """The ``optimized`` or ``ld3`` grid for this model and sampler: cached beside the checkpoint it was
         loaded from (keyed by the file's hash), or in memory for the current training step."""
         shape = (self.hparams.channels, self.hparams.image_size, self.hparams.image_size)
         weights = self.checkpoint_id or f"step-{self.global_step}"
         key = {"weights": weights, "ema": bool(use_ema and self.ema is not None)}
         memo = json.dumps(
-            [key, spec.name, spec.steps, spec.options, spec.spacing_options, spec.dynamic_threshold],
+            [key, spec.name, spec.steps, spec.spacing, spec.options, spec.spacing_options, spec.dynamic_threshold],
             sort_keys=True,
             default=str,
         )
         if memo not in self._optimized:
             if len(self._optimized) > 32:
                 self._optimized.clear()
-            self._optimized[memo] = optimized_sigmas(
-                self.denoiser(use_ema),
-                self.schedule,
-                spec,
-                shape,
-                device=self.device,
-                cache_path=self.sigmas_cache if self.checkpoint_id else None,
-                cache_key=key,
-            )
+            with frozen(self):  # ld3 differentiates through the network: only for the grid, not the weights
+                self._optimized[memo] = optimized_sigmas(
+                    self.denoiser(use_ema),
+                    self.schedule,
+                    spec,
+                    shape,
+                    device=self.device,
+                    cache_path=self.sigmas_cache if self.checkpoint_id else None,
+                    cache_key=key,
+                )
         return self._optimized[memo]
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """``module``'s parameters without ``requires_grad`` for the duration (restored afterwards)."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def restore_rng_states(state: Mapping[str, Any]) -> None:

@@ -163,3 +163,167 @@ def load_or_optimize(cache_path: str | Path, key: dict, compute: Callable[[], Te
 
     value = load_or_compute(cache_path, key, lambda: compute().double().cpu().tolist(), valid=valid)
     return torch.tensor(value, dtype=torch.float64)
+
+
+# ----------------------------------------------------------------------------- LD3
+
+# Samplers whose step rule :func:`_solve_differentiably` repeats with the grid as a tensor.
+LD3_SAMPLERS = ("ddim", "dpmpp_2m", "dpmpp_3m")
+
+
+def _solve_differentiably(
+    sampler: str, options: dict, denoiser: Callable[..., Tensor], x: Tensor, sigmas: Tensor, cond: dict | None
+) -> Tensor:
+    """The step rule of ``ddim`` (eta = 0), ``dpmpp_2m`` or ``dpmpp_3m`` (fewstep.samplers.multistep), the
+    same arithmetic, but on a grid that is a tensor, so that autograd reaches the noise levels. A test
+    checks that it equals the registered sampler on a fixed grid."""
+    from fewstep.samplers.multistep import _step_order
+
+    if sampler == "ddim" and options.get("eta", 0.0) != 0:
+        raise ValueError("spacing=ld3 needs a deterministic sampler: sampler.eta=0")
+    order = {"ddim": 1, "dpmpp_2m": 2}.get(sampler, int(options.get("order", 3)))
+    lower_order_final = bool(options.get("lower_order_final", True))
+    steps = len(sigmas) - 1
+    denoised_history: list[Tensor] = []
+    h_history: list[Tensor] = []
+    for i in range(steps):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = denoiser(x, sigma.expand(x.shape[0]), **(cond or {}))
+        if i == steps - 1:  # the last level of a grid is 0: the step is the denoiser output
+            return denoised
+        h = torch.log(sigma / sigma_next)
+        k = _step_order(i, steps, order, lower_order_final)
+        if k == 1 or sampler == "ddim":
+            x = (sigma_next / sigma) * x - torch.expm1(-h) * denoised
+        elif sampler == "dpmpp_2m":
+            r = h_history[-1] / h
+            x = (sigma_next / sigma) * x - torch.expm1(-h) * (
+                (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * denoised_history[-1]
+            )
+        else:  # dpmpp_3m, the Taylor form of its docstring
+            c0 = -torch.expm1(-h)
+            c1 = 1 - c0 / h
+            c2 = 1 - 2 * c1 / h
+            r0 = h_history[-1] / h
+            d1_0 = (denoised - denoised_history[-1]) / r0
+            x = (sigma_next / sigma) * x + c0 * denoised
+            if k == 2:
+                x = x + c1 * d1_0
+            else:
+                r1 = h_history[-2] / h
+                d2 = 2 * (d1_0 - (denoised_history[-1] - denoised_history[-2]) / r1) / (r0 + r1)
+                x = x + c1 * (d1_0 + (r0 / 2) * d2) + (c2 / 2) * d2
+        denoised_history, h_history = [*denoised_history, denoised][-2:], [*h_history, h][-2:]
+    raise AssertionError("unreachable: a grid ends in 0")
+
+
+def _grid_from_logits(logits: Tensor, log_top: float, log_floor: float) -> Tensor:
+    """``steps + 1`` levels from ``exp(log_top)`` down to 0: the gaps in log sigma between the
+    ``steps`` positive levels and ``exp(log_floor)`` are the softmax of ``logits`` (``steps`` of them),
+    so every grid of logits is strictly decreasing and stays above the floor (LD3's parameterisation)."""
+    fractions = torch.cumsum(torch.softmax(logits, 0), 0)[:-1]
+    levels = torch.exp(log_top + (log_floor - log_top) * fractions)
+    return torch.cat([levels.new_tensor([math.exp(log_top)]), levels, levels.new_zeros(1)])
+
+
+def ld3_sigmas(
+    denoiser: Callable[..., Tensor],
+    noise: Tensor,
+    init: Tensor | Sequence[Tensor],
+    sampler: str,
+    *,
+    options: dict | None = None,
+    cond: dict | None = None,
+    reference: Tensor | None = None,
+    reference_steps: int = 256,
+    iterations: int = 200,
+    lr: float = 0.1,
+    radius: float = 0.0,
+    validation: float = 0.5,
+    log: Callable[[str], None] | None = None,
+) -> Tensor:
+    """LD3 (Tong et al. 2025, "Learning to Discretize Denoising Diffusion ODEs"): gradient descent on
+    the noise levels of the grid, through the sampler, towards a fine-step solution of the same ODE.
+
+    Same contract as :func:`optimize_sigmas` (``init``: one or more grids ending in 0, the search
+    starts from the one with the lowest error; ``init[0]`` stays fixed; the last positive level stays
+    above the lowest one of ``init``). The grid is parameterised by the softmax of ``steps`` logits
+    (the gaps in log sigma, :func:`_grid_from_logits`) and trained with Adam. ``noise`` is split:
+    the first ``1 - validation`` part trains, the rest picks the best grid seen (every iteration),
+    so the result is judged on noise it was not fitted to.
+
+    Soft teacher forcing (LD3, Sec. 3.2): the training loss lets the student start anywhere in a
+    ball of radius ``radius * sqrt(d)`` around its noise (``d`` = dimensions of one sample),
+    ``min_{|x' - x| <= r} |Psi_grid(x') - Psi_ref(x)|^2``: a few parameters cannot map every noise
+    exactly to its reference, and the slack keeps them from fitting the unreachable part of the
+    error. The start offsets are optimised jointly (Adam, projected back onto the ball after each
+    step). The paper measures the distance with LPIPS; here it is the squared L2 of the samples,
+    which needs no downloaded network. ``radius=0`` is plain global-error descent.
+
+    Cost: ``iterations`` forward and backward passes of the sampler on the training part (about 3x
+    the calls of a sampler run each) and as many validation runs, plus the reference
+    (``2 * reference_steps - 1`` calls). Returns the grid in float64.
+    """
+    if sampler not in LD3_SAMPLERS:
+        raise ValueError(f"spacing=ld3 supports the samplers {', '.join(LD3_SAMPLERS)}, not {sampler!r}")
+    if not 0 < validation < 1 or len(noise) < 2:
+        raise ValueError("ld3 needs at least 2 noises and 0 < validation < 1")
+    options = dict(options or {})
+    probe = torch.empty(0, dtype=torch.float64)
+    grids = [check_sigmas(g.double().cpu().clone(), probe) for g in ([init] if isinstance(init, Tensor) else init)]
+    first = float(grids[0][0]) if grids else 0.0
+    if not grids or any(float(g[-1]) != 0 or len(g) != len(grids[0]) or abs(g[0] / first - 1) > 1e-9 for g in grids):
+        raise ValueError("the grids to learn must end in 0 and share their length and first level")
+    for g in grids:
+        g[0] = first  # the same start for all, exactly
+    if len(grids[0]) < 3:
+        return grids[0]  # one step: nothing to move
+    floor = min(float(g[-2]) for g in grids)
+    x = noise * first
+    if reference is None:
+        with torch.no_grad():
+            reference = get_sampler("heun")(denoiser, x, _karras(first, floor, reference_steps), cond=cond)
+    split = max(1, min(len(noise) - 1, round(len(noise) * (1 - validation))))
+    cond_train = {k: v[:split] if isinstance(v, Tensor) else v for k, v in (cond or {}).items()}
+    cond_valid = {k: v[split:] if isinstance(v, Tensor) else v for k, v in (cond or {}).items()}
+    log_top, log_floor = math.log(first), math.log(floor) - 1e-3 * (math.log(first) - math.log(floor))
+
+    def error(grid: Tensor, part: slice, part_cond: dict, start: Tensor | None = None) -> Tensor:
+        begin = x[part] if start is None else start
+        out = _solve_differentiably(sampler, options, denoiser, begin, grid.to(x.dtype), part_cond)
+        return (out - reference[part]).pow(2).flatten(1).sum(1)  # per sample
+
+    def logits_of(grid: Tensor) -> Tensor:
+        levels = torch.cat([grid[:-1].log(), torch.tensor([log_floor], dtype=torch.float64)])
+        return (levels[:-1] - levels[1:]).clamp_min(1e-6).log()
+
+    with torch.no_grad():
+        scored = sorted(
+            (float(error(g.to(x.device), slice(split, None), cond_valid).mean()), i) for i, g in enumerate(grids)
+        )
+    best, best_grid = scored[0][0], grids[scored[0][1]]
+    logits = logits_of(best_grid).to(x.device).requires_grad_(True)
+    offset = torch.zeros_like(x[:split], requires_grad=True)
+    bound = radius * math.sqrt(x[0].numel()) * first  # the ball, in units of x = noise * sigma_max
+    optimizer = torch.optim.Adam([{"params": [logits], "lr": lr}, {"params": [offset], "lr": lr * first}])
+    for iteration in range(1, iterations + 1):
+        optimizer.zero_grad(set_to_none=True)
+        with torch.enable_grad():  # also when called from a sampling loop under no_grad
+            grid = _grid_from_logits(logits, log_top, log_floor)
+            loss = error(grid, slice(0, split), cond_train, x[:split] + offset)
+            loss.mean().backward()
+        optimizer.step()
+        with torch.no_grad():
+            if radius > 0:  # back onto the ball
+                norms = offset.flatten(1).norm(dim=1).clamp_min(1e-12)
+                offset.mul_((bound / norms).clamp(max=1.0).view(-1, *[1] * (offset.ndim - 1)))
+            else:
+                offset.zero_()
+            grid = _grid_from_logits(logits, log_top, log_floor).detach().double().cpu()
+            value = float(error(grid.to(x.device), slice(split, None), cond_valid).mean())
+        if value < best:
+            best, best_grid = value, grid
+        if log is not None:
+            log(f"ld3 iteration {iteration}: train {float(loss.mean()):.4g} validation {value:.4g} best {best:.4g}")
+    best_grid[0], best_grid[-1] = first, 0.0
+    return best_grid
