@@ -149,9 +149,11 @@ class Batches:
 class Run:
     """One candidate's model, optimizer, RNG state and clocks."""
 
-    def __init__(self, candidate: Candidate, cfg: Any, datamodule: ImageDataModule, args: argparse.Namespace) -> None:
-        self.candidate, self.args = candidate, args
-        torch.manual_seed(args.seed)
+    def __init__(
+        self, candidate: Candidate, cfg: Any, datamodule: ImageDataModule, args: argparse.Namespace, seed: int
+    ) -> None:
+        self.candidate, self.args, self.seed = candidate, args, seed
+        torch.manual_seed(seed)
         self.model: DiffusionModel = build_model(cfg, datamodule)
         self.model.train()
         if candidate.channels_last:
@@ -263,7 +265,10 @@ def main() -> None:
     parser.add_argument("--fid-batch", type=int, default=250)
     parser.add_argument("--evals", type=int, default=1, help="FIDs at this many evenly spaced points of the budget")
     parser.add_argument("--cache-dir", default="logs/cache", help="the feature classifier and reference statistics")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the first seed (initial weights, t and noise draws)")
+    parser.add_argument(
+        "--seeds", type=int, default=1, help="runs per candidate, seeds --seed, --seed+1, ... (FID early on is chaotic)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every candidate, e.g. trainer.max_steps=...")
     args = parser.parse_args()
@@ -282,7 +287,8 @@ def main() -> None:
         reference = reference_stats(data, extractor, split="train", cache_dir=args.cache_dir, max_kid_features=0)
         scores = GenerativeScores(extractor, reference, metrics=("fid",))
     runs = [
-        Run(CANDIDATES[name], compose_config(CANDIDATES[name], args.overrides), datamodule, args)
+        Run(CANDIDATES[name], compose_config(CANDIDATES[name], args.overrides), datamodule, args, seed)
+        for seed in range(args.seed, args.seed + args.seeds)
         for name in args.candidates
     ]
     budget = f"{args.steps} steps" if args.minutes is None else f"{args.minutes} wall-minutes"
@@ -298,19 +304,31 @@ def main() -> None:
             while args.evals and run.progress() >= (len(run.scores) + 1) / args.evals - 1e-9:
                 record = run.evaluate(scores)
                 print(
-                    f"{run.candidate.name}: step {record['step']}, {record['cpu_minutes']:.2f} CPU-min, "
+                    f"{run.candidate.name} (seed {run.seed}): step {record['step']}, "
+                    f"{record['cpu_minutes']:.2f} CPU-min, "
                     f"FID {fmt(record['fid'])}, {fmt(run.images_per_second, 1)} images/s",
                     flush=True,
                 )
 
-    print("\n| candidate | parameters | steps | CPU-min | wall-min | train images/s | FID |\n" + "|---" * 7 + "|")
+    header = "| candidate | seed | parameters | steps | CPU-min | wall-min | train images/s | FID |"
+    print(f"\n{header}\n" + "|---" * 8 + "|")
     for run in runs:
         fids = " / ".join(fmt(s["fid"]) for s in run.scores) or "-"
         print(
-            f"| {run.candidate.name} | {run.parameters:,} | {run.steps} | {run.cpu / 60:.2f} | {run.wall / 60:.2f} | "
-            f"{fmt(run.images_per_second, 1)} | {fids} |"
+            f"| {run.candidate.name} | {run.seed} | {run.parameters:,} | {run.steps} | {run.cpu / 60:.2f} | "
+            f"{run.wall / 60:.2f} | {fmt(run.images_per_second, 1)} | {fids} |"
         )
-    speed = {run.candidate.name: run.images_per_second for run in runs}
+    if args.seeds > 1 and args.fid_samples:
+        print("\n| candidate | FID at each evaluation: mean +- sd over seeds |\n|---|---|")
+        for name in args.candidates:
+            fids = torch.tensor([[s["fid"] for s in r.scores] for r in runs if r.candidate.name == name])
+            cells = " / ".join(f"{m:.1f} +- {d:.1f}" for m, d in zip(fids.mean(0), fids.std(0), strict=True))
+            print(f"| {name} | {cells} |")
+    speeds: dict[str, list[float]] = {}
+    for run in runs:
+        if run.images_per_second is not None:
+            speeds.setdefault(run.candidate.name, []).append(run.images_per_second)
+    speed = {name: sum(v) / len(v) for name, v in speeds.items()}
     ratio = speed["default"] / speed["diffusers"] if speed.get("default") and speed.get("diffusers") else None
     if ratio is not None:
         print(
@@ -330,6 +348,7 @@ def main() -> None:
             "candidates": [
                 {
                     "name": run.candidate.name,
+                    "seed": run.seed,
                     "parameters": run.parameters,
                     "steps": run.steps,
                     "cpu_minutes": run.cpu / 60,
