@@ -323,7 +323,7 @@ def ld3_sigmas(
             value = float(error(grid.to(x.device), slice(split, None), cond_valid).mean())
         if value < best:
             best, best_grid = value, grid
-        if log is not None:
+        if log is not None and (iteration % 20 == 0 or iteration == iterations):
             log(f"ld3 iteration {iteration}: train {float(loss.mean()):.4g} validation {value:.4g} best {best:.4g}")
     best_grid[0], best_grid[-1] = first, 0.0
     return best_grid
