@@ -374,7 +374,7 @@ def test_ld3_grid_beats_coordinate_descent_on_held_out_noise(gmm):
     train, test = (torch.randn(n, 4, generator=g, dtype=torch.float64) for n in (128, 512))
     sigma_max, sigma_min = 80.0, 0.002
     reference = ode_reference(gmm, test * sigma_max, sigma_max, sigma_min)
-    for steps in (5, 10):  # measured: coordinate descent 0.084 / 0.052, ld3 0.057 / 0.010
+    for steps in (5, 10):  # measured: Karras 0.171 / 0.153, coordinate descent 0.084 / 0.052, ld3 0.062 / 0.015
         init = karras_grid(steps, sigma_max, sigma_min)
         grids = [
             init,
@@ -387,7 +387,7 @@ def test_ld3_grid_beats_coordinate_descent_on_held_out_noise(gmm):
         karras, coordinate, learned = (
             rms(SAMPLERS["dpmpp_2m"](gmm.denoiser, test * sigma_max, s), reference) for s in grids
         )
-        assert learned < 0.8 * coordinate < 0.8 * karras, (steps, karras, coordinate, learned)
+        assert learned < 0.9 * coordinate and coordinate < 0.8 * karras, (steps, karras, coordinate, learned)
 
 
 def test_ld3_soft_teacher_forcing_and_bad_input(gmm):

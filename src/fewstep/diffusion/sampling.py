@@ -35,6 +35,8 @@ SPACING_OPTIONS = ("rho", "sigma_min", "sigma_max")
 OPTIMIZED = "optimized"
 LD3 = "ld3"
 MODEL_SPACINGS = (OPTIMIZED, LD3)  # grids tuned to a model: they need the denoiser, not only the schedule
+# ld3's fit (part of its cache key: a grid fitted with other settings is not reused)
+LD3_SETTINGS = {"iterations": 200, "lr": 0.2, "radius": 0.0, "validation": 0.5}
 # Grids the optimized spacing starts from (it keeps the best of them as its starting point).
 OPTIMIZE_FROM = ("karras", "logsnr", "quadratic", "trailing")
 AUTO = "auto"
@@ -137,7 +139,9 @@ def optimized_sigmas(
         generator = torch.Generator().manual_seed(0)
         noise = torch.randn((batch_size, *shape), generator=generator).to(device)
         if spec.spacing == LD3:
-            return ld3_sigmas(spec.wrap(denoiser), noise, starts, spec.name, options=spec.options, log=log.info)
+            return ld3_sigmas(
+                spec.wrap(denoiser), noise, starts, spec.name, options=spec.options, log=log.info, **LD3_SETTINGS
+            )
         return optimize_sigmas(spec.wrap(denoiser), noise, starts, spec.name, options=spec.options)
 
     if cache_path is None:
@@ -151,7 +155,7 @@ def optimized_sigmas(
         "spacing_options": spec.spacing_options,
         "shape": list(shape),
         "batch_size": batch_size,
-        **({"spacing": LD3} if spec.spacing == LD3 else {}),  # optimized entries keep their old keys
+        **({"spacing": LD3, "ld3": LD3_SETTINGS} if spec.spacing == LD3 else {}),  # optimized: the old keys
     }
     return load_or_optimize(cache_path, key, compute)
 

@@ -237,7 +237,7 @@ def ld3_sigmas(
     reference: Tensor | None = None,
     reference_steps: int = 256,
     iterations: int = 200,
-    lr: float = 0.1,
+    lr: float = 0.2,
     radius: float = 0.0,
     validation: float = 0.5,
     log: Callable[[str], None] | None = None,
@@ -248,7 +248,8 @@ def ld3_sigmas(
     Same contract as :func:`optimize_sigmas` (``init``: one or more grids ending in 0, the search
     starts from the one with the lowest error; ``init[0]`` stays fixed; the last positive level stays
     above the lowest one of ``init``). The grid is parameterised by the softmax of ``steps`` logits
-    (the gaps in log sigma, :func:`_grid_from_logits`) and trained with Adam. ``noise`` is split:
+    (the gaps in log sigma, :func:`_grid_from_logits`) and trained with Adam, its step size decaying
+    from ``lr`` to 0 on a cosine. ``noise`` is split:
     the first ``1 - validation`` part trains, the rest picks the best grid seen (every iteration),
     so the result is judged on noise it was not fitted to.
 
@@ -286,7 +287,7 @@ def ld3_sigmas(
     split = max(1, min(len(noise) - 1, round(len(noise) * (1 - validation))))
     cond_train = {k: v[:split] if isinstance(v, Tensor) else v for k, v in (cond or {}).items()}
     cond_valid = {k: v[split:] if isinstance(v, Tensor) else v for k, v in (cond or {}).items()}
-    log_top, log_floor = math.log(first), math.log(floor) - 1e-3 * (math.log(first) - math.log(floor))
+    log_top, log_floor = math.log(first), math.log(floor)  # softmax gaps are > 0: every level stays above
 
     def error(grid: Tensor, part: slice, part_cond: dict, start: Tensor | None = None) -> Tensor:
         begin = x[part] if start is None else start
@@ -295,7 +296,8 @@ def ld3_sigmas(
 
     def logits_of(grid: Tensor) -> Tensor:
         levels = torch.cat([grid[:-1].log(), torch.tensor([log_floor], dtype=torch.float64)])
-        return (levels[:-1] - levels[1:]).clamp_min(1e-6).log()
+        # a gap of 0 (the last level on the floor) would be a logit of -inf: a floor of 0.1 % of the range
+        return (levels[:-1] - levels[1:]).clamp_min(1e-3 * (log_top - log_floor)).log()
 
     with torch.no_grad():
         scored = sorted(
@@ -306,6 +308,8 @@ def ld3_sigmas(
     offset = torch.zeros_like(x[:split], requires_grad=True)
     bound = radius * math.sqrt(x[0].numel()) * first  # the ball, in units of x = noise * sigma_max
     optimizer = torch.optim.Adam([{"params": [logits], "lr": lr}, {"params": [offset], "lr": lr * first}])
+    # cosine decay: large early moves find the basin, small late ones settle (a constant 0.1 oscillated on a U-Net)
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, iterations)
     for iteration in range(1, iterations + 1):
         optimizer.zero_grad(set_to_none=True)
         with torch.enable_grad():  # also when called from a sampling loop under no_grad
@@ -313,6 +317,7 @@ def ld3_sigmas(
             loss = error(grid, slice(0, split), cond_train, x[:split] + offset)
             loss.mean().backward()
         optimizer.step()
+        decay.step()
         with torch.no_grad():
             if radius > 0:  # back onto the ball
                 norms = offset.flatten(1).norm(dim=1).clamp_min(1e-12)
