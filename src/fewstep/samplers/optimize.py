@@ -34,6 +34,25 @@ def _karras(sigma_max: float, sigma_min: float, steps: int, rho: float = 7.0) ->
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
+def _start_grids(init: Tensor | Sequence[Tensor], what: str) -> tuple[list[Tensor], float, float]:
+    """The grids a search starts from (float64, checked, sharing exactly their first level), that
+    first level and the floor (the lowest last positive level among them)."""
+    probe = torch.empty(0, dtype=torch.float64)
+    grids = [check_sigmas(g.double().cpu().clone(), probe) for g in ([init] if isinstance(init, Tensor) else init)]
+    first = float(grids[0][0]) if grids else 0.0
+    if not grids or any(float(g[-1]) != 0 or len(g) != len(grids[0]) or abs(g[0] / first - 1) > 1e-9 for g in grids):
+        raise ValueError(f"the grids to {what} must end in 0 and share their length and first level")
+    for g in grids:
+        g[0] = first  # the same start for all, exactly
+    return grids, first, min(float(g[-2]) for g in grids)
+
+
+@torch.no_grad()
+def _reference(denoiser: Callable[..., Tensor], x: Tensor, first: float, floor: float, steps: int, cond) -> Tensor:
+    """The target of both searches: Heun on a fine Karras grid down to the floor (2 steps - 1 calls)."""
+    return get_sampler("heun")(denoiser, x, _karras(first, floor, steps), cond=cond)
+
+
 @torch.no_grad()
 def optimize_sigmas(
     denoiser: Callable[..., Tensor],
@@ -62,18 +81,10 @@ def optimize_sigmas(
     """
     run = get_sampler(sampler)
     options = dict(options or {})
-    probe = torch.empty(0, dtype=torch.float64)
-    grids = [check_sigmas(g.double().cpu().clone(), probe) for g in ([init] if isinstance(init, Tensor) else init)]
-    first = float(grids[0][0]) if grids else 0.0
-    if not grids or any(float(g[-1]) != 0 or len(g) != len(grids[0]) or abs(g[0] / first - 1) > 1e-9 for g in grids):
-        raise ValueError("the grids to optimize must end in 0 and share their length and first level")
-    for g in grids:
-        g[0] = first  # the same start for all, exactly
+    grids, first, floor = _start_grids(init, "optimize")
     x = noise * first
-    floor = min(float(g[-2]) for g in grids)
     if reference is None:
-        grid = _karras(first, floor, reference_steps)
-        reference = get_sampler("heun")(denoiser, x, grid, cond=cond)
+        reference = _reference(denoiser, x, first, floor, reference_steps, cond)
 
     def loss(levels: list[float], seed: int = 0) -> float:
         grid = torch.tensor([*levels, 0.0], dtype=torch.float64)
@@ -270,20 +281,12 @@ def ld3_sigmas(
     if not 0 < validation < 1 or len(noise) < 2:
         raise ValueError("ld3 needs at least 2 noises and 0 < validation < 1")
     options = dict(options or {})
-    probe = torch.empty(0, dtype=torch.float64)
-    grids = [check_sigmas(g.double().cpu().clone(), probe) for g in ([init] if isinstance(init, Tensor) else init)]
-    first = float(grids[0][0]) if grids else 0.0
-    if not grids or any(float(g[-1]) != 0 or len(g) != len(grids[0]) or abs(g[0] / first - 1) > 1e-9 for g in grids):
-        raise ValueError("the grids to learn must end in 0 and share their length and first level")
-    for g in grids:
-        g[0] = first  # the same start for all, exactly
+    grids, first, floor = _start_grids(init, "learn")
     if len(grids[0]) < 3:
         return grids[0]  # one step: nothing to move
-    floor = min(float(g[-2]) for g in grids)
     x = noise * first
     if reference is None:
-        with torch.no_grad():
-            reference = get_sampler("heun")(denoiser, x, _karras(first, floor, reference_steps), cond=cond)
+        reference = _reference(denoiser, x, first, floor, reference_steps, cond)
     split = max(1, min(len(noise) - 1, round(len(noise) * (1 - validation))))
     cond_train = {k: v[:split] if isinstance(v, Tensor) else v for k, v in (cond or {}).items()}
     cond_valid = {k: v[split:] if isinstance(v, Tensor) else v for k, v in (cond or {}).items()}
