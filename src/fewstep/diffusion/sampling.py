@@ -35,8 +35,10 @@ SPACING_OPTIONS = ("rho", "sigma_min", "sigma_max")
 OPTIMIZED = "optimized"
 LD3 = "ld3"
 MODEL_SPACINGS = (OPTIMIZED, LD3)  # grids tuned to a model: they need the denoiser, not only the schedule
-# ld3's fit (part of its cache key: a grid fitted with other settings is not reused)
-LD3_SETTINGS = {"iterations": 200, "lr": 0.2, "radius": 0.0, "validation": 0.5}
+# ld3's fit, read from ld3_sigmas' defaults (part of its cache key: a grid fitted otherwise is not reused)
+LD3_SETTINGS = {
+    k: inspect.signature(ld3_sigmas).parameters[k].default for k in ("iterations", "lr", "radius", "validation")
+}
 # Grids the optimized spacing starts from (it keeps the best of them as its starting point).
 OPTIMIZE_FROM = ("karras", "logsnr", "quadratic", "trailing")
 AUTO = "auto"
@@ -139,9 +141,7 @@ def optimized_sigmas(
         generator = torch.Generator().manual_seed(0)
         noise = torch.randn((batch_size, *shape), generator=generator).to(device)
         if spec.spacing == LD3:
-            return ld3_sigmas(
-                spec.wrap(denoiser), noise, starts, spec.name, options=spec.options, log=log.info, **LD3_SETTINGS
-            )
+            return ld3_sigmas(spec.wrap(denoiser), noise, starts, spec.name, options=spec.options, log=log.info)
         return optimize_sigmas(spec.wrap(denoiser), noise, starts, spec.name, options=spec.options)
 
     if cache_path is None:
