@@ -261,7 +261,6 @@ def test_fid_callback_under_cpu_ddp_logs_one_value(feature_cache, tmp_path):
 
 @pytest.mark.slow
 def test_sweep_with_eval_and_report(trained_run, feature_cache, tmp_path):
-    sweep = tmp_path / "sweep"
     ckpt = trained_run / "checkpoints" / "last.ckpt"
     proc = run_script(
         "sample.py",
@@ -273,10 +272,11 @@ def test_sweep_with_eval_and_report(trained_run, feature_cache, tmp_path):
         "batch_size=5",
         "eval=true",
         f"paths.cache_dir={feature_cache}",
-        f"hydra.sweep.dir={sweep}",
+        f"paths.log_dir={tmp_path / 'logs'}",  # the default sweep dir, under it
         timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    (sweep,) = (tmp_path / "logs" / "sample" / "multiruns").iterdir()
     summaries = sorted(sweep.glob("*/summary.json"))
     assert len(summaries) == 4
     first = json.loads(summaries[0].read_text())

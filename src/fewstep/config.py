@@ -35,6 +35,9 @@ def wandb_offline() -> bool:
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("fewstep_wandb_offline"):
         OmegaConf.register_new_resolver("fewstep_wandb_offline", wandb_offline)
+    if not OmegaConf.has_resolver("fewstep_cwd"):
+        # paths.root_dir: ${hydra:runtime.cwd} is not set yet when a multirun resolves hydra.sweep.dir
+        OmegaConf.register_new_resolver("fewstep_cwd", os.getcwd)
     if not OmegaConf.has_resolver("fewstep_mul"):  # e.g. max_steps = rounds x steps per round
         OmegaConf.register_new_resolver("fewstep_mul", lambda a, b: int(a) * int(b))
 
