@@ -98,6 +98,34 @@ def test_ema_tracks_weights_with_warmup():
         assert torch.allclose(q, d * o + (1 - d) * p, atol=1e-6)
 
 
+@pytest.mark.parametrize("sigma_rel", [0.05, 0.1, 0.2])
+def test_power_ema_averages_over_its_relative_length(sigma_rel):
+    """module.ema_sigma_rel (EDM2's power-function EMA): fed the weights t/N and (t/N)**2 at steps
+    t = 1..N, the average gives the first two moments of its weighting over the run, whose standard
+    deviation is sigma_rel (EDM2, Eq. 4); the weighting is (1 - beta_t) (t/N)**(gamma+1) exactly."""
+    from fewstep.lit.module import power_ema_gamma
+
+    n = 2000
+    net = torch.nn.Linear(2, 1, bias=False).double()
+    ema = DiffusionModel(image_size=8, channels=1, unet=TINY, ema_sigma_rel=sigma_rel).ema
+    ema.module = torch.nn.Linear(2, 1, bias=False).double()  # the same averaging on a two-number "network"
+    for t in range(1, n + 1):
+        with torch.no_grad():
+            net.weight.copy_(torch.tensor([[t / n, (t / n) ** 2]], dtype=torch.float64))
+        ema.update_parameters(net)
+    mean, second = ema.module.weight[0].tolist()
+    assert (second - mean**2) ** 0.5 == pytest.approx(sigma_rel, rel=0.01)
+    gamma = power_ema_gamma(sigma_rel)
+    t = torch.arange(1, n + 1, dtype=torch.float64)
+    weights = (1 - ((t - 1) / t) ** (gamma + 1)) * (t / n) ** (gamma + 1)
+    assert mean == pytest.approx(float((weights * t / n).sum()), rel=1e-9)
+
+
+def test_bad_ema_sigma_rel_is_one_line():
+    with pytest.raises(ValueError, match=r"module.ema_sigma_rel must be in \(0, 0.289\)"):
+        small_model(ema_sigma_rel=0.5)
+
+
 def test_checkpoint_round_trip_same_samples(tmp_path):
     model = small_model()
     fit(model, tmp_path, max_steps=4)
@@ -108,19 +136,23 @@ def test_checkpoint_round_trip_same_samples(tmp_path):
     assert loaded.hparams == model.hparams
 
 
-def test_resume_continues_from_same_step_and_ema(tmp_path):
-    """An interrupted run resumed from last.ckpt ends exactly where an uninterrupted one does."""
+@pytest.mark.parametrize("lr_decay", ["constant", "cosine"])
+def test_resume_continues_from_same_step_and_ema(tmp_path, lr_decay):
+    """An interrupted run resumed from last.ckpt ends exactly where an uninterrupted one does (the
+    learning-rate schedule included: a decay resumes at the step it was interrupted at)."""
+    # the "interrupted" run stops at max_steps=4: lr_decay_steps gives all three runs the 8-step decay
+    options = {"lr_decay": lr_decay, "lr_decay_steps": 8}
     L.seed_everything(0)
-    straight = small_model()
+    straight = small_model(**options)
     fit(straight, tmp_path / "straight", max_steps=8)
 
     L.seed_everything(0)
-    first = small_model()
+    first = small_model(**options)
     fit(first, tmp_path / "split", max_steps=4)  # "interrupted" after 4 steps
     saved = torch.load(tmp_path / "split" / "ckpt" / "last.ckpt", weights_only=True)
     assert saved["global_step"] == 4
 
-    resumed = small_model()
+    resumed = small_model(**options)
     seen = {}
 
     class Probe(L.Callback):
@@ -148,6 +180,47 @@ def test_resume_continues_from_same_step_and_ema(tmp_path):
     assert trainer.global_step == 8
     for a, b in zip(resumed.parameters(), straight.parameters(), strict=True):
         assert torch.allclose(a, b, atol=1e-6), "resumed run diverged from the uninterrupted one"
+
+
+@pytest.mark.parametrize("lr_decay", ["constant", "cosine", "linear"])
+def test_learning_rate_warms_up_then_decays_to_zero_at_the_last_step(tmp_path, lr_decay):
+    """module.lr_decay: the rate each optimizer step used, read from the optimizer, follows the warm-up and
+    then the decay over the trainer's max_steps."""
+    import math
+
+    seen: list[float] = []
+
+    class Probe(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    model = small_model(lr=1e-3, warmup_steps=2, lr_decay=lr_decay)
+    trainer = L.Trainer(
+        max_steps=10,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Probe()],
+        default_root_dir=tmp_path,
+        enable_checkpointing=False,
+    )
+    trainer.fit(model, train_dataloaders=toy_loader(n=40))
+    progress = [(step - 2) / 8 for step in range(2, 10)]
+    after_warmup = {
+        "constant": [1.0] * 8,
+        "cosine": [0.5 * (1 + math.cos(math.pi * p)) for p in progress],
+        "linear": [1 - p for p in progress],
+    }[lr_decay]
+    assert seen == pytest.approx([1e-3 * f for f in [0.5, 1.0, *after_warmup]])  # zero at step 10, after the last
+
+
+def test_bad_lr_decay_is_one_line():
+    with pytest.raises(ValueError, match="module.lr_decay must be one of constant, cosine, linear"):
+        small_model(lr_decay="step")
+    with pytest.raises(ValueError, match="set trainer.max_steps"):
+        small_model(lr_decay="cosine").configure_optimizers()  # no trainer: run length unknown
+    assert small_model(lr_decay="cosine", lr_decay_steps=100).configure_optimizers()["optimizer"] is not None
 
 
 def test_architecture_mismatch_is_one_line():

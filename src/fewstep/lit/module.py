@@ -8,8 +8,10 @@ import dataclasses
 import importlib
 import json
 import logging
+import math
 import random
 from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,19 @@ NO_GUIDANCE = {"name": "none", "scale": 1.0, "sigma_min": None, "sigma_max": Non
 ARCHITECTURE_KEYS = ("image_size", "channels", "net", "num_classes", "text_encoder", "num_timesteps", "prediction")
 # Steps between host checks of the training loss on accelerators when module.nan_check_every is null.
 NAN_CHECK_EVERY = 50
+LR_DECAYS = ("constant", "cosine", "linear")
+
+
+def lr_factor(step: int, *, warmup: int, decay: str, total: int) -> float:
+    """The learning rate at optimizer step ``step`` as a fraction of ``module.lr``: a linear warm-up over
+    ``warmup`` steps, then constant or a cosine (Loshchilov & Hutter 2017, SGDR without restarts) or linear
+    decay that reaches zero at step ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if decay == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress)) if decay == "cosine" else 1.0 - progress
 
 
 def ema_with_warmup(decay: float) -> Callable[[list[Tensor], list[Tensor], Tensor | int], None]:
@@ -66,8 +81,40 @@ def ema_with_warmup(decay: float) -> Callable[[list[Tensor], list[Tensor], Tenso
     return update
 
 
+def power_ema(sigma_rel: float) -> Callable[[list[Tensor], list[Tensor], Tensor | int], None]:
+    """EMA update for ``AveragedModel``: EDM2's power-function EMA (Karras et al. 2024, Eq. 3-4).
+
+    After n updates the next one averages with decay ``(1 - 1/(n+1)) ** (gamma + 1)``, so the average
+    weighs the weights of training step tau by ``tau ** gamma``: its length is a fixed fraction of the
+    run so far (relative standard deviation ``sigma_rel``) and suits runs of any length, where a fixed
+    decay averages over too long a stretch of a short run and too short a stretch of a long one.
+    """
+    gamma = power_ema_gamma(sigma_rel)
+
+    @torch.no_grad()
+    def update(ema_params: list[Tensor], params: list[Tensor], num_averaged: Tensor | int) -> None:
+        n = float(num_averaged)
+        torch._foreach_lerp_(ema_params, params, 1 - (n / (n + 1)) ** (gamma + 1))
+
+    return update
+
+
+def power_ema_gamma(sigma_rel: float) -> float:
+    """The exponent gamma of a power-function EMA of relative standard deviation ``sigma_rel``: the root of
+    ``sigma_rel**2 = (gamma+1) / ((gamma+2)**2 (gamma+3))`` (EDM2, Eq. 4), a cubic in gamma."""
+    if not 0 < sigma_rel < POWER_EMA_MAX_SIGMA_REL:
+        raise ValueError(f"module.ema_sigma_rel must be in (0, {POWER_EMA_MAX_SIGMA_REL:.3f}), got {sigma_rel}")
+    t = sigma_rel**-2
+    return float(np.roots([1, 7, 16 - t, 12 - t]).real.max())
+
+
+# sigma_rel of gamma = 0 (a plain running mean): longer averages need gamma < 0, which EDM2 leaves out.
+POWER_EMA_MAX_SIGMA_REL = 1 / (2 * 3**0.5)
+
+
 class EMA(AveragedModel):
-    """``AveragedModel`` with :func:`ema_with_warmup` that counts its updates on the host.
+    """``AveragedModel`` with :func:`ema_with_warmup` (or :func:`power_ema` for ``sigma_rel``) that counts
+    its updates on the host.
 
     torch's ``update_parameters`` reads the ``n_averaged`` buffer (on the model's device) twice per
     call and the warm-up read it once more: three host-device syncs per step on a GPU. Here the
@@ -75,8 +122,11 @@ class EMA(AveragedModel):
     still incremented and saved, so checkpoints are the same as ``AveragedModel``'s.
     """
 
-    def __init__(self, module: nn.Module, decay: float) -> None:
-        super().__init__(module, multi_avg_fn=ema_with_warmup(decay), use_buffers=True)
+    def __init__(self, module: nn.Module, decay: float | None = None, sigma_rel: float | None = None) -> None:
+        if (decay is None) == (sigma_rel is None):
+            raise ValueError("EMA takes a decay or a sigma_rel, one of them")
+        update = power_ema(sigma_rel) if sigma_rel is not None else ema_with_warmup(decay)
+        super().__init__(module, multi_avg_fn=update, use_buffers=True)
         self._count: int | None = 0
 
     @torch.no_grad()
@@ -144,7 +194,12 @@ class DiffusionModel(L.LightningModule):
         unet: U-Net options (older checkpoints and the seed API): the same as ``net`` with fewstep's UNet.
         prediction, loss_weighting, min_snr_gamma: the :class:`Parameterisation` (eps / x0 / v, min-SNR).
         lr, weight_decay, adam_betas, warmup_steps: AdamW with a linear learning-rate warm-up.
-        ema_decay: decay of the weight EMA (``None`` or 0 disables it).
+        lr_decay: the learning rate after the warm-up: ``constant``, or ``cosine`` / ``linear`` decay to
+            zero at the last step (``lr_decay_steps``, by default the trainer's total steps). Annealing
+            lets the last steps settle instead of hopping around at the full step size.
+        ema_decay: decay of the weight EMA (``None`` or 0 disables it), with a warm-up.
+        ema_sigma_rel: instead of ``ema_decay``, EDM2's power-function EMA (Karras et al. 2024) whose
+            length is this fraction of the run so far (relative standard deviation; EDM2 used 0.05-0.15).
         sampler: the default sampler config used by :meth:`sample` (``conf/sampler``).
         guidance: the default guidance config (``conf/guidance``) of :meth:`sample` and the callbacks.
         clip_x0: clamp the denoised estimate to ``[-clip_x0, clip_x0]`` while sampling.
@@ -181,7 +236,10 @@ class DiffusionModel(L.LightningModule):
         weight_decay: float = 0.0,
         adam_betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 500,
+        lr_decay: str = "constant",
+        lr_decay_steps: int | None = None,
         ema_decay: float | None = 0.999,
+        ema_sigma_rel: float | None = None,
         sampler: Mapping[str, Any] | None = None,
         guidance: Mapping[str, Any] | None = None,
         clip_x0: float | None = 1.0,
@@ -207,6 +265,10 @@ class DiffusionModel(L.LightningModule):
         cond_dropout = cond_dropout if label_dropout is None else label_dropout  # older checkpoints' name
         if not 0 <= cond_dropout < 1:
             raise ValueError(f"module.cond_dropout must be in [0, 1), got {cond_dropout}")
+        if lr_decay not in LR_DECAYS:
+            raise ValueError(f"module.lr_decay must be one of {', '.join(LR_DECAYS)}, got {lr_decay!r}")
+        if lr_decay_steps is not None and (not isinstance(lr_decay_steps, int) or lr_decay_steps < 1):
+            raise ValueError(f"module.lr_decay_steps must be an integer >= 1 or null, got {lr_decay_steps!r}")
         if nan_check_every is not None and (not isinstance(nan_check_every, int) or nan_check_every < 1):
             raise ValueError(f"module.nan_check_every must be an integer >= 1 or null, got {nan_check_every!r}")
         self.save_hyperparameters(
@@ -226,7 +288,10 @@ class DiffusionModel(L.LightningModule):
                 "weight_decay": weight_decay,
                 "adam_betas": list(adam_betas),
                 "warmup_steps": warmup_steps,
+                "lr_decay": lr_decay,
+                "lr_decay_steps": lr_decay_steps,
                 "ema_decay": ema_decay,
+                "ema_sigma_rel": ema_sigma_rel,
                 "sampler": _plain(sampler),
                 "guidance": _plain(guidance),
                 "clip_x0": clip_x0,
@@ -266,13 +331,19 @@ class DiffusionModel(L.LightningModule):
         )
         self.ema: EMA | None = None
         self.ema_text: EMA | None = None
-        if ema_decay:
+        if ema_sigma_rel is not None:
+            ema_options = {"sigma_rel": ema_sigma_rel}
+        elif ema_decay:
             if not 0 < ema_decay < 1:
                 raise ValueError(f"module.ema_decay must be in (0, 1) or null, got {ema_decay}")
-            self.ema = EMA(self.net, ema_decay)
+            ema_options = {"decay": ema_decay}
+        else:
+            ema_options = None
+        if ema_options is not None:
+            self.ema = EMA(self.net, **ema_options)
             self.ema.requires_grad_(False)
             if self.trains_text_encoder:
-                self.ema_text = EMA(self.text_encoder, ema_decay)
+                self.ema_text = EMA(self.text_encoder, **ema_options)
                 self.ema_text.requires_grad_(False)
         self.distiller = Distiller(distillation, self.schedule, self.parameterisation) if distillation else None
         if self.distiller is not None and self.distiller.method != "progressive":
@@ -437,9 +508,20 @@ class DiffusionModel(L.LightningModule):
         hp = self.hparams
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.adam_betas), weight_decay=hp.weight_decay)
-        warmup = max(1, int(hp.warmup_steps))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        decay = hp.get("lr_decay", "constant")
+        total = hp.get("lr_decay_steps") or (self._total_steps() if decay != "constant" else 1)
+        factor = partial(lr_factor, warmup=max(1, int(hp.warmup_steps)), decay=decay, total=total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _total_steps(self) -> int:
+        total = self._trainer.estimated_stepping_batches if self._trainer is not None else math.inf
+        if not math.isfinite(total):
+            raise ValueError(
+                f"module.lr_decay={self.hparams.lr_decay} needs a known run length: set trainer.max_steps "
+                "(or trainer.max_epochs) or module.lr_decay_steps"
+            )
+        return int(total)
 
     # -------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
