@@ -42,11 +42,17 @@ LD3_SETTINGS = {
 # Grids the optimized spacing starts from (it keeps the best of them as its starting point).
 OPTIMIZE_FROM = ("karras", "logsnr", "quadratic", "trailing")
 AUTO = "auto"
-# sampler=auto: the measured best configuration up to a number of network calls (its steps), from
-# benchmarks/vs_diffusers.py on trained networks (docs/samplers.md, "fewstep vs diffusers"): UniPC-2 on
-# the trailing grid was within 5 % of the best of ~40 diffusers and ~20 fewstep configurations at every
-# budget from 5 to 20 calls on both networks measured. The last entry covers the rest.
-AUTO_CHOICES: tuple[tuple[int, dict], ...] = ((10**9, {"name": "unipc", "spacing": "trailing", "order": 2}),)
+# sampler=auto: the measured best configuration up to a number of network calls (its steps), by FID of
+# the make train model (1,000 samples, classifier features; docs/samplers.md, "Which sampler for FID"):
+# UniPC-2 on the trailing grid at 5 calls (13.4 vs 25.1 for DPM-Solver++(2M) on Karras sigmas), DPM-Solver++(2M)
+# on Karras sigmas from 6 to 20 (6.3 vs 8.7 at 10 calls), where its truncation error gives a better FID than
+# the converged ODE (~9.6). Beyond 20 calls every grid is at the ODE's FID: UniPC on the trailing grid,
+# the smallest ODE error on trained networks (benchmarks/vs_diffusers.py). The last entry covers the rest.
+AUTO_CHOICES: tuple[tuple[int, dict], ...] = (
+    (5, {"name": "unipc", "spacing": "trailing", "order": 2}),
+    (20, {"name": "dpmpp_2m", "spacing": "karras"}),
+    (10**9, {"name": "unipc", "spacing": "trailing", "order": 2}),
+)
 
 
 def auto_config(steps: int) -> dict:
