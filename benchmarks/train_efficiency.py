@@ -29,7 +29,8 @@ reshuffled each epoch with the same seed (the data loader's cost is left out of 
 
 The loop is plain PyTorch, not Lightning: ``DiffusionModel.training_step`` (the same loss,
 condition dropout and NaN check as train.py), backward, gradient clipping (trainer.gradient_clip_val),
-the module's AdamW and warm-up schedule (``configure_optimizers``), then the EMA update, the order
+the module's AdamW and learning-rate schedule (``configure_optimizers``; a ``--steps`` budget is the
+length its decay spans, a ``--minutes`` budget trains at a constant rate), then the EMA update, the order
 of ``DiffusionModel.optimizer_step``. It leaves out Lightning's per-step overhead (hooks, logging),
 which is the same for every candidate.
 
@@ -276,6 +277,9 @@ def main() -> None:
         args.steps = 1000
     warnings.filterwarnings("ignore", message=".*`self.trainer` reference is not registered")
 
+    # The plain loop has no Trainer to tell the run's length: a step budget is it; a time budget decays nothing.
+    budget = [f"module.lr_decay_steps={args.steps}"] if args.steps else ["module.lr_decay=constant"]
+    args.overrides = [*budget, *args.overrides]
     base = compose_config(CANDIDATES["default"], args.overrides)
     batch = args.batch or int(base.data.batch_size)
     data = {k: v for k, v in base.data.items() if k != "_target_"}
