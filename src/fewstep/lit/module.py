@@ -51,6 +51,8 @@ ARCHITECTURE_KEYS = ("image_size", "channels", "net", "num_classes", "text_encod
 # Steps between host checks of the training loss on accelerators when module.nan_check_every is null.
 NAN_CHECK_EVERY = 50
 LR_DECAYS = ("constant", "cosine", "linear")
+# sigma_rel of gamma = 0 (a plain running mean): longer averages need gamma < 0, which EDM2 leaves out.
+POWER_EMA_MAX_SIGMA_REL = 1 / (2 * 3**0.5)
 
 
 def lr_factor(step: int, *, warmup: int, decay: str, total: int) -> float:
@@ -106,10 +108,6 @@ def power_ema_gamma(sigma_rel: float) -> float:
         raise ValueError(f"module.ema_sigma_rel must be in (0, {POWER_EMA_MAX_SIGMA_REL:.3f}), got {sigma_rel}")
     t = sigma_rel**-2
     return float(np.roots([1, 7, 16 - t, 12 - t]).real.max())
-
-
-# sigma_rel of gamma = 0 (a plain running mean): longer averages need gamma < 0, which EDM2 leaves out.
-POWER_EMA_MAX_SIGMA_REL = 1 / (2 * 3**0.5)
 
 
 class EMA(AveragedModel):
