@@ -66,6 +66,10 @@ class EMAProfiles(L.Callback):
         pl_module.ema.load_state_dict(own)
 
 
+def hydra_list(values: list[float]) -> str:
+    return "[" + ",".join(str(v) for v in values) + "]"
+
+
 def fid(ckpt: Path, out_dir: Path, n: int, ema: bool) -> float:
     command = [
         sys.executable,
@@ -96,15 +100,14 @@ def main() -> None:
     args = parser.parse_intermixed_args()
 
     profiles = args.out / "profiles"
-    list_of = lambda values: "[" + ",".join(str(v) for v in values) + "]"  # noqa: E731
     command = [
         sys.executable,
         str(ROOT / "train.py"),
         f"hydra.run.dir={args.out / 'run'}",
         "+callbacks.ema_profiles._target_=ema_length.EMAProfiles",
         f"+callbacks.ema_profiles.out_dir={profiles}",
-        f"+callbacks.ema_profiles.decays={list_of(args.decays)}",
-        f"+callbacks.ema_profiles.sigma_rels={list_of(args.sigma_rels)}",
+        f"+callbacks.ema_profiles.decays={hydra_list(args.decays)}",
+        f"+callbacks.ema_profiles.sigma_rels={hydra_list(args.sigma_rels)}",
         *args.overrides,
     ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}

@@ -28,18 +28,24 @@ def toy_loader(n: int = 16, batch_size: int = 4) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, sampler=EpochShuffle(n, seed=0))
 
 
-def fit(model: DiffusionModel, root, max_steps: int, ckpt_path=None, every: int = 4) -> L.Trainer:
-    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=root / "ckpt", save_last=True, every_n_train_steps=every)
-    trainer = L.Trainer(
+def quiet_trainer(root, max_steps: int, callbacks: list, **options) -> L.Trainer:
+    """A CPU Trainer without logger, progress bar, summary or sanity validation."""
+    return L.Trainer(
         max_steps=max_steps,
         accelerator="cpu",
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[checkpoint],
+        callbacks=callbacks,
         default_root_dir=root,
         num_sanity_val_steps=0,
+        **options,
     )
+
+
+def fit(model: DiffusionModel, root, max_steps: int, ckpt_path=None, every: int = 4) -> L.Trainer:
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=root / "ckpt", save_last=True, every_n_train_steps=every)
+    trainer = quiet_trainer(root, max_steps, [checkpoint])
     trainer.fit(model, train_dataloaders=toy_loader(), ckpt_path=ckpt_path, weights_only=True)
     return trainer
 
@@ -160,17 +166,7 @@ def test_resume_continues_from_same_step_and_ema(tmp_path, lr_decay):
             seen["step"] = trainer.global_step
             seen["ema"] = [p.clone() for p in pl_module.ema.module.parameters()]
 
-    trainer = L.Trainer(
-        max_steps=8,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[Probe()],
-        default_root_dir=tmp_path,
-        num_sanity_val_steps=0,
-        enable_checkpointing=False,
-    )
+    trainer = quiet_trainer(tmp_path, 8, [Probe()], enable_checkpointing=False)
     trainer.fit(
         resumed, train_dataloaders=toy_loader(), ckpt_path=tmp_path / "split" / "ckpt" / "last.ckpt", weights_only=True
     )
@@ -195,16 +191,7 @@ def test_learning_rate_warms_up_then_decays_to_zero_at_the_last_step(tmp_path, l
             seen.append(trainer.optimizers[0].param_groups[0]["lr"])
 
     model = small_model(lr=1e-3, warmup_steps=2, lr_decay=lr_decay)
-    trainer = L.Trainer(
-        max_steps=10,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[Probe()],
-        default_root_dir=tmp_path,
-        enable_checkpointing=False,
-    )
+    trainer = quiet_trainer(tmp_path, 10, [Probe()], enable_checkpointing=False)
     trainer.fit(model, train_dataloaders=toy_loader(n=40))
     progress = [(step - 2) / 8 for step in range(2, 10)]
     after_warmup = {
