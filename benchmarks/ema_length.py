@@ -44,6 +44,7 @@ class EMAProfiles(L.Callback):
         self.options = {f"decay_{d}": {"decay": float(d)} for d in decays}
         self.options |= {f"sigma_rel_{s}": {"sigma_rel": float(s)} for s in sigma_rels}
         self.emas: dict[str, Any] = {}
+        self.updated_at = 0  # the optimizer step of the last update
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         from fewstep.lit.module import EMA
@@ -51,9 +52,14 @@ class EMAProfiles(L.Callback):
         if pl_module.ema is None:
             raise ValueError("EMAProfiles swaps the module's EMA: train with module.ema_decay or module.ema_sigma_rel")
         self.emas = {name: EMA(pl_module.net, **kw).requires_grad_(False) for name, kw in self.options.items()}
+        self.updated_at = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
-        # after the optimizer step and the module's own EMA update: the same weights they average
+        # After the optimizer step and the module's own EMA update, so the same weights are averaged; only
+        # on batches that stepped (with gradient accumulation the others leave the weights as they were).
+        if trainer.global_step == self.updated_at:
+            return
+        self.updated_at = trainer.global_step
         for ema in self.emas.values():
             ema.update_parameters(pl_module.net)
 
