@@ -16,9 +16,10 @@ Candidates (``--candidates``; each is conf/train.yaml plus the common Hydra over
     diffusers       diffusers' UNet2DModel with the tiny U-Net's layout (32-64-64 channels, one res block a level,
                     attention at 8x8: 1,112,801 parameters, as many as fewstep's), as the network of the same
                     DiffusionModel through :class:`DiffusersUNet`
+    diffusers_bf16  the same UNet2DModel under bf16 autocast, to set beside ``bf16``
 
 Time: with OMP_NUM_THREADS=1 on a 2-core machine an fp32 candidate takes ~1.3 s a step at batch 64
-(bf16 ~0.8 s), so six candidates x 1000 steps is ~2 h, plus ~2 min per FID of 2,000 samples. On a
+(bf16 ~0.8 s), so seven candidates x 1000 steps is ~2 h 20 min, plus ~2 min per FID of 2,000 samples. On a
 shared machine use one thread per process: oversubscribed OpenMP threads make steps 5-20x slower.
 
 Budgets: ``--steps`` optimizer steps or ``--minutes`` wall-minutes of training per candidate. The
@@ -124,6 +125,9 @@ CANDIDATES = {
     "channels_last": Candidate("channels_last", channels_last=True),
     "bf16": Candidate("bf16", bf16=True),
     "diffusers": Candidate("diffusers", net={"_target_": f"{__name__}.DiffusersUNet", **DIFFUSERS_TINY}),
+    "diffusers_bf16": Candidate(
+        "diffusers_bf16", bf16=True, net={"_target_": f"{__name__}.DiffusersUNet", **DIFFUSERS_TINY}
+    ),
 }
 
 

@@ -21,6 +21,7 @@ def test_train_writes_the_run_dir(trained_run):
     assert grids == ["step_0000003.png", "step_0000006.png"] and (trained_run / "samples" / "final.png").is_file()
     timing = json.loads((trained_run / "sampling_time.json").read_text())
     assert timing["sampling/nfe"] == 3 and timing["sampling/images_per_second"] > 0
+    assert (timing["sampler"], timing["spacing"]) == ("unipc", "trailing")  # what the default sampler=auto picks at 3
     offline_runs = list((trained_run / "wandb").glob("offline-run-*"))
     assert offline_runs, "the default W&B logger must run offline without an account"
     checkpoint = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)

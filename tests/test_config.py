@@ -89,7 +89,7 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
 def test_defaults_are_the_embedded_cpu_setup(tmp_path):
     cfg = resolve_hydra(compose_train(), tmp_path)
     assert cfg.data.name == "mnist5k" and cfg.model.net.base_channels == 32 and cfg.schedule.schedule == "linear"
-    assert cfg.sampler.name == "ddim" and "wandb" in cfg.logger and cfg.trainer.precision == "auto"
+    assert cfg.sampler.name == "auto" and "wandb" in cfg.logger and cfg.trainer.precision == "auto"
 
 
 def test_seed_schedule_override(tmp_path):

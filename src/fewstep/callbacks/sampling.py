@@ -142,7 +142,7 @@ class SamplingTime(L.Callback):
         result = pl_module.sample(
             self.num_samples, self.sampler, seed=0, guidance=self.guidance, return_result=True
         )  # conditional models: the null condition (guided with guidance.scale when that is not 1)
-        spec = self.sampler or pl_module.hparams.sampler
+        spec = pl_module.sampler_spec(self.sampler)  # sampler=auto: the sampler it stands for
         figures = {
             "sampling/seconds_per_image": result.seconds / self.num_samples,
             "sampling/images_per_second": result.images_per_second,
@@ -150,7 +150,7 @@ class SamplingTime(L.Callback):
         }
         for logger in trainer.loggers:
             logger.log_metrics(figures, step=trainer.global_step)
-        record = {"step": trainer.global_step, "sampler": spec.get("name"), "steps": spec.get("steps"), **figures}
+        record = {"step": trainer.global_step, "sampler": spec.name, "steps": spec.steps, "spacing": spec.spacing, **figures}
         path = _run_dir(trainer, "sampling_time.json")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record, indent=2))
