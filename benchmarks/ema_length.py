@@ -1,8 +1,9 @@
 """How long should the weight EMA be? One training run keeps several EMAs side by side, then each is scored
 with FID.
 
-    python benchmarks/ema_length.py                                   # make train's run + 6 EMAs (~30 min, 2 cores)
-    python benchmarks/ema_length.py module.lr_decay=cosine trainer.max_steps=2000
+    python benchmarks/ema_length.py                                   # make train's run + 6 EMAs (~35 min, 2 cores)
+    python benchmarks/ema_length.py seed=1 --decays 0.999 --sigma-rels 0.05     # another seed, two EMAs
+    python benchmarks/ema_length.py module.lr_decay=constant          # make train's run at a constant rate
     python benchmarks/ema_length.py trainer.max_steps=300 --sigma-rels 0.05 0.1 --decays 0.999 --n 1000
 
 (Hydra overrides before the options: a list option would take them as its values.)

@@ -17,9 +17,12 @@ Candidates (``--candidates``; each is conf/train.yaml plus the common Hydra over
                     attention at 8x8: 1,112,801 parameters, as many as fewstep's), as the network of the same
                     DiffusionModel through :class:`DiffusersUNet`
     diffusers_bf16  the same UNet2DModel under bf16 autocast, to set beside ``bf16``
+    compiled        the default network through ``torch.compile`` (inductor), fp32; its compile time is in
+                    its wall- and CPU-minutes (the first steps), not in its images/s (``--warmup``)
+    compiled_bf16   the same under bf16 autocast
 
 Time: with OMP_NUM_THREADS=1 on a 2-core machine an fp32 candidate takes ~1.3 s a step at batch 64
-(bf16 ~0.8 s), so seven candidates x 1000 steps is ~2 h 20 min, plus ~2 min per FID of 2,000 samples. On a
+(bf16 ~0.8 s), so the nine candidates x 1000 steps take ~3 h, plus ~2 min per FID of 2,000 samples. On a
 shared machine use one thread per process: oversubscribed OpenMP threads make steps 5-20x slower.
 
 Budgets: ``--steps`` optimizer steps or ``--minutes`` wall-minutes of training per candidate. The
@@ -115,6 +118,7 @@ class Candidate:
     overrides: list[str] = field(default_factory=list)
     bf16: bool = False
     channels_last: bool = False
+    compile: bool = False
     net: dict[str, Any] | None = None
 
 
@@ -124,6 +128,8 @@ CANDIDATES = {
     "v": Candidate("v", ["module.prediction=v"]),
     "channels_last": Candidate("channels_last", channels_last=True),
     "bf16": Candidate("bf16", bf16=True),
+    "compiled": Candidate("compiled", compile=True),
+    "compiled_bf16": Candidate("compiled_bf16", bf16=True, compile=True),
     "diffusers": Candidate("diffusers", net={"_target_": f"{__name__}.DiffusersUNet", **DIFFUSERS_TINY}),
     "diffusers_bf16": Candidate(
         "diffusers_bf16", bf16=True, net={"_target_": f"{__name__}.DiffusersUNet", **DIFFUSERS_TINY}
@@ -165,6 +171,8 @@ class Run:
             self.model.net.to(memory_format=torch.channels_last)
             if self.model.ema is not None:
                 self.model.ema.module.to(memory_format=torch.channels_last)
+        if candidate.compile:
+            self.model.net.compile()  # in place: the state dict keeps its keys; compiled at the first step (timed)
         optimizers = self.model.configure_optimizers()
         self.optimizer = optimizers["optimizer"]
         self.scheduler = optimizers["lr_scheduler"]["scheduler"]

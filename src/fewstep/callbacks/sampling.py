@@ -150,7 +150,13 @@ class SamplingTime(L.Callback):
         }
         for logger in trainer.loggers:
             logger.log_metrics(figures, step=trainer.global_step)
-        record = {"step": trainer.global_step, "sampler": spec.name, "steps": spec.steps, "spacing": spec.spacing, **figures}
+        record = {
+            "step": trainer.global_step,
+            "sampler": spec.name,
+            "steps": spec.steps,
+            "spacing": spec.spacing,
+            **figures,
+        }
         path = _run_dir(trainer, "sampling_time.json")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record, indent=2))
