@@ -74,14 +74,15 @@ class SamplerSpec:
     def from_config(cls, config: Mapping | None, **overrides) -> SamplerSpec:
         """Split a flat sampler config into the grid's and the sampler's options."""
         merged = {**dict(config or {}), **{k: v for k, v in overrides.items() if v is not None}}
-        if merged.get("name") == AUTO:  # the measured best for the steps; any other key still overrides it
-            merged = {**auto_config(merged.get("steps", 10)), **{k: v for k, v in merged.items() if k != "name"}}
-            log.info("sampler=auto at %s steps: %s", merged["steps"], merged)
-        name = merged.pop("name", "ddim")
-        sampler = get_sampler(name)  # fail early, with the list of valid names
-        steps = merged.pop("steps", 50)
+        steps = merged.pop("steps", 10 if merged.get("name") == AUTO else 50)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"sampler.steps must be an integer >= 1, got {steps!r}")
+        if merged.get("name") == AUTO:  # the measured best for the steps; any other key still overrides it
+            merged = {**auto_config(steps), **{k: v for k, v in merged.items() if k != "name"}}
+            log.info("sampler=auto at %s steps: %s", steps, merged)
+            merged.pop("steps")
+        name = merged.pop("name", "ddim")
+        sampler = get_sampler(name)  # fail early, with the list of valid names
         spacing = merged.pop("spacing", "trailing")
         if spacing not in SPACINGS and spacing not in MODEL_SPACINGS:
             valid = ", ".join([*sorted(SPACINGS), *MODEL_SPACINGS])
