@@ -1,11 +1,15 @@
 """Training and sampling throughput of the default config on this machine (prints markdown tables).
 
     python benchmarks/throughput.py [--train-steps 60] [--n 64] [--steps 10 20 50] [--samplers ddim ...]
+    python benchmarks/throughput.py --train-steps 0 --samplers --batch-sizes 16 32 64 128 256   # batch only
 
 Training: images/s of real Lightning optimizer steps (default data, model, schedule; loggers and
 callbacks off), timed after a warm-up. Sampling: images/s of each sampler (its conf/sampler
 options, ``steps`` overridden) at each step count, with its NFE, the EMA network, one batch of
 ``--n`` images, after a warm-up call. ``ode_rk45`` is timed once: its tolerance sets its NFE.
+Sampling batch (``--batch-sizes``): images/s of ``--batch-images`` images drawn through
+``DiffusionModel.sample_batches`` (what sample.py and the FID callback run) ``B`` at a time, with
+``sampler=auto`` at 10 steps; the batch sizes take turns, ``--rounds`` times, and the best round counts.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from fewstep.config import CONFIG_DIR, register_resolvers
-from fewstep.lit import ImageDataModule
+from fewstep.lit import DiffusionModel, ImageDataModule
 from fewstep.samplers import SAMPLERS
 from fewstep.train import build_model, resolve_trainer_precision
 
@@ -40,7 +44,10 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=60)
     parser.add_argument("--n", type=int, default=64, help="images per sampling measurement")
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50])
-    parser.add_argument("--samplers", nargs="+", default=sorted(SAMPLERS))
+    parser.add_argument("--samplers", nargs="*", default=sorted(SAMPLERS), help="none: skip the sampler table")
+    parser.add_argument("--batch-sizes", type=int, nargs="*", default=[], help="sampling batch sizes to compare")
+    parser.add_argument("--batch-images", type=int, default=256, help="images per batch-size measurement")
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the train config, e.g. model=small")
     args = parser.parse_args()
 
@@ -69,16 +76,18 @@ def main() -> None:
         limit_val_batches=0,
         gradient_clip_val=cfg.trainer.gradient_clip_val,
     )
-    trainer.fit(model, datamodule=datamodule)
-    seconds = time.perf_counter() - timer.start
-    print("| training | images/s | s/step |\n|---|---|---|")
-    print(
-        f"| {cfg.data.name}, batch {cfg.data.batch_size} | {timer.images / seconds:.1f} | "
-        f"{seconds / args.train_steps:.3f} |\n"
-    )
+    if args.train_steps > 0:
+        trainer.fit(model, datamodule=datamodule)
+        seconds = time.perf_counter() - timer.start
+        print("| training | images/s | s/step |\n|---|---|---|")
+        print(
+            f"| {cfg.data.name}, batch {cfg.data.batch_size} | {timer.images / seconds:.1f} | "
+            f"{seconds / args.train_steps:.3f} |\n"
+        )
 
     model.eval()
-    print("| sampler | steps | NFE | images/s | s/image |\n|---|---|---|---|---|")
+    if args.samplers:
+        print("| sampler | steps | NFE | images/s | s/image |\n|---|---|---|---|---|")
     for name in args.samplers:
         for steps in args.steps[:1] if name == "ode_rk45" else args.steps:  # its tolerance sets the NFE
             options = {"steps": steps}
@@ -90,6 +99,24 @@ def main() -> None:
                 f"| {name} | {steps} | {result.nfe} | {result.images_per_second:.1f} | {result.seconds / args.n:.4f} |",
                 flush=True,
             )
+    if args.batch_sizes:
+        sampling_batch_table(model, args.batch_sizes, args.batch_images, args.rounds)
+
+
+def sampling_batch_table(model: DiffusionModel, batch_sizes: list[int], images: int, rounds: int) -> None:
+    """Images/s of ``sample_batches`` at each batch size, the sizes taking turns (the best round counts)."""
+    model.sample(2, "auto", steps=10)  # warm-up
+    best = dict.fromkeys(batch_sizes, 0.0)
+    for _ in range(rounds):
+        for batch in batch_sizes:
+            start = time.perf_counter()
+            for _result in model.sample_batches(images, "auto", steps=10, seed=0, batch_size=batch):
+                pass
+            best[batch] = max(best[batch], images / (time.perf_counter() - start))
+    fastest = max(best.values())
+    print(f"\n| sampling batch ({images} images, sampler=auto, 10 NFE) | images/s | vs the fastest |\n|---|---|---|")
+    for batch, rate in best.items():
+        print(f"| {batch} | {rate:.1f} | {rate / fastest:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

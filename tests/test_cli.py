@@ -44,6 +44,7 @@ def test_sample_writes_grid_npz_and_summary(trained_run, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert {"sampler", "steps", "nfe", "n", "seconds", "images_per_second"} <= set(summary)
     assert (summary["sampler"], summary["steps"], summary["nfe"], summary["n"]) == ("ddim", 3, 3, 10)
+    assert summary["batch_size"] == 4
     images = np.load(out / "samples.npz")["images"]
     assert images.shape == (10, 16, 16, 1) and images.dtype == np.uint8
     assert (out / "samples.png").stat().st_size > 0
@@ -98,6 +99,7 @@ def _bad_inputs(trained_run, tmp_path):
             "lower module.lr",
         ),
         "crafted pickle": (["sample.py", f"ckpt={evil}"], "refusing to load"),
+        "sampling batch": (["sample.py", f"ckpt={last}", "batch_size=0"], "batch_size must be an integer >= 1 or auto"),
     }
 
 
@@ -111,6 +113,7 @@ def _bad_inputs(trained_run, tmp_path):
         "empty folder",
         "nan loss",
         "crafted pickle",
+        "sampling batch",
     ],
 )
 def test_bad_input_one_line_error(case, trained_run, tmp_path):

@@ -11,8 +11,9 @@ import pytest
 import torch
 from gmm import GaussianMixture
 
+from fewstep.callbacks import FID
 from fewstep.diffusion import ClassifierFreeGuidance, LinearSchedule
-from fewstep.diffusion.sampling import Guidance, SamplerSpec, generate, sample_seeds
+from fewstep.diffusion.sampling import Guidance, SamplerSpec, generate, resolve_batch_size, sample_seeds
 from fewstep.samplers import SAMPLERS
 
 K = 3
@@ -95,6 +96,20 @@ def test_counting_guided_evaluations_and_per_sample_seeds():
     )
     assert torch.equal(whole.images[4:], tail.images)
     assert len(set(sample_seeds(7, range(1000)))) == 1000
+    # batch_size=auto (the default of sample.py and the FID callback): 64 at a time on a CPU
+    auto = generate(class_denoiser, schedule, spec, (4,), 70, seed=7, cond={"y": torch.arange(70) % 3})
+    assert auto.images.shape == (70, 4) and auto.seconds > 0
+    assert torch.equal(auto.images[:7], generate(class_denoiser, schedule, spec, (4,), 7, seed=7, cond={"y": y}).images)
+
+
+def test_sampling_batch_size_auto_and_bad_values():
+    assert resolve_batch_size("auto", "cpu") == 64 and resolve_batch_size(None, torch.device("cpu")) == 64
+    assert resolve_batch_size("auto", "cuda:1") == 256 and resolve_batch_size(5, "cuda") == 5
+    for bad in (0, -3, "big", 2.5, True):
+        with pytest.raises(ValueError, match="batch_size must be an integer >= 1 or auto"):
+            resolve_batch_size(bad, "cpu")
+    with pytest.raises(ValueError, match="^callbacks.fid.batch_size must be an integer >= 1 or auto, got 0$"):
+        FID(batch_size=0)
 
 
 def test_guidance_rejects_bad_settings():

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
+from fewstep.diffusion.sampling import resolve_batch_size
 from fewstep.lit import DiffusionModel, load_model
 
 log = logging.getLogger(__name__)
@@ -180,13 +181,12 @@ def sample(cfg: DictConfig) -> dict:
     """
     if not isinstance(cfg.n, int) or cfg.n < 1:
         raise ValueError(f"n must be an integer >= 1, got {cfg.n!r}")
-    if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {cfg.batch_size!r}")
     evaluate = bool(cfg.get("eval", False))
     if evaluate and cfg.n < 2:
         raise ValueError(f"eval=true needs n >= 2 samples (FID fits a covariance), got n={cfg.n}")
     save_npz = bool(cfg.get("save_npz", True))
     device = pick_device(cfg.device)
+    batch_size = resolve_batch_size(cfg.batch_size, device)  # bad input fails before the model loads
     model = load_sampled_model(cfg, device)
     sampler_cfg = choose_sampler(cfg, model)
     spec = model.sampler_spec(sampler_cfg)
@@ -205,7 +205,7 @@ def sample(cfg: DictConfig) -> dict:
             total,
             sampler_cfg,
             seed=int(cfg.seed),
-            batch_size=int(cfg.batch_size),
+            batch_size=batch_size,
             guidance=guidance_cfg,
             use_ema=cfg.ema,
             **condition,
@@ -251,6 +251,7 @@ def sample(cfg: DictConfig) -> dict:
         "seconds_per_image": seconds / total,
         "images_per_second": total / seconds if seconds > 0 else math.inf,
         "device": str(device),
+        "batch_size": batch_size,  # the time per image depends on it (batch_size=auto: 64 on a CPU)
         "ema": bool(cfg.ema and model.ema is not None),
         "seed": int(cfg.seed),
     }

@@ -22,6 +22,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from fewstep.diffusion.sampling import resolve_batch_size
 from fewstep.lit.module import DiffusionModel
 from fewstep.metrics import GenerativeScores, build_features, reference_stats
 
@@ -35,7 +36,8 @@ class FID(L.Callback):
         every_n_steps: evaluate every this many optimizer steps (0: never during training).
         at_end: evaluate once more when training ends (unless the last step was just evaluated).
         num_samples: generated images per evaluation, over all ranks.
-        batch_size: images sampled and scored at a time (per rank); no more are held.
+        batch_size: images sampled and scored at a time (per rank); no more are held. ``auto``: 64 on
+            a CPU (faster per image there), 256 on a GPU.
         sampler: a sampler config (``conf/sampler``); ``None``: the model's own (``sampler=`` of the run).
         guidance: a ``conf/guidance`` config for conditional models; ``None``: the model's own.
         seed: the same noise every evaluation, so successive scores compare the weights, not the draws.
@@ -51,7 +53,7 @@ class FID(L.Callback):
         every_n_steps: int = 0,
         at_end: bool = False,
         num_samples: int = 1000,
-        batch_size: int = 250,
+        batch_size: int | str = "auto",
         sampler: Mapping[str, Any] | None = None,
         guidance: Mapping[str, Any] | None = None,
         seed: int = 0,
@@ -64,10 +66,12 @@ class FID(L.Callback):
     ) -> None:
         if every_n_steps < 0:
             raise ValueError(f"callbacks.fid.every_n_steps must be >= 0, got {every_n_steps}")
-        if num_samples < 2 or batch_size < 1:
-            raise ValueError(
-                f"callbacks.fid needs num_samples >= 2 and batch_size >= 1, got {num_samples}, {batch_size}"
-            )
+        if num_samples < 2:
+            raise ValueError(f"callbacks.fid needs num_samples >= 2, got {num_samples}")
+        try:
+            resolve_batch_size(batch_size, "cpu")
+        except ValueError as error:
+            raise ValueError(f"callbacks.fid.{error}") from None
         self.every_n_steps, self.at_end = every_n_steps, at_end
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
         self.sampler = dict(sampler) if sampler else None
@@ -167,8 +171,9 @@ class FID(L.Callback):
         local = self.num_samples // world + int(rank < self.num_samples % world)
         condition = self.conditions(trainer, pl_module)
         start, seconds, nfe = time.perf_counter(), 0.0, 0.0
-        for begin in range(0, local, self.batch_size):
-            n = min(self.batch_size, local - begin)
+        batch_size = resolve_batch_size(self.batch_size, pl_module.device)
+        for begin in range(0, local, batch_size):
+            n = min(batch_size, local - begin)
             rows = slice(first + begin, first + begin + n)
             result = pl_module.sample(
                 n,

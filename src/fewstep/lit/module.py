@@ -616,7 +616,7 @@ class DiffusionModel(L.LightningModule):
         seed: int | None = None,
         generator: torch.Generator | None = None,
         first_index: int = 0,
-        batch_size: int = 256,
+        batch_size: int | str = "auto",
         y: Tensor | int | list[int] | None = None,
         prompt: str | list[str] | None = None,
         guidance: Mapping[str, Any] | float | None = None,
