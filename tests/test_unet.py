@@ -52,6 +52,12 @@ def test_sizes_exist_and_grow():
     assert counts == sorted(counts) and 30e6 < counts[-1] < 40e6  # base ~ DDPM's 35.7M CIFAR-10 net
 
 
+def test_tiny_fast_has_tiny_s_parameters():
+    # model=tiny_fast is offered as tiny's size in a cheaper layout (benchmarks/train_efficiency.py)
+    count = {size: sum(p.numel() for p in UNet(image_size=32, **UNET_CONFIGS[size]).parameters()) for size in SIZES}
+    assert abs(count["tiny_fast"] / count["tiny"] - 1) < 0.03
+
+
 def test_image_size_must_divide():
     with pytest.raises(ValueError, match="image_size=30 is not divisible by 4"):
         UNet(image_size=30, channel_mult=(1, 2, 2))
