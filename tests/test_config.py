@@ -88,7 +88,8 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
 
 def test_defaults_are_the_embedded_cpu_setup(tmp_path):
     cfg = resolve_hydra(compose_train(), tmp_path)
-    assert cfg.data.name == "mnist5k" and cfg.model.net.base_channels == 32 and cfg.schedule.schedule == "linear"
+    assert cfg.data.name == "mnist5k" and cfg.schedule.schedule == "linear" and cfg.trainer.max_steps == 4000
+    assert cfg.model.net.base_channels == 16 and list(cfg.model.net.channel_mult) == [1, 2, 4, 4]  # tiny_fast
     assert cfg.sampler.name == "auto" and "wandb" in cfg.logger and cfg.trainer.precision == "auto"
 
 
