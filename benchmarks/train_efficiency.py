@@ -11,6 +11,8 @@ plus the common Hydra overrides given last):
 
     default         the defaults with the tiny U-Net (eps prediction, uniform loss weights), fp32
     tiny_fast       model=tiny_fast: as many parameters as tiny (-2.4 %), narrow at 32x32 and 16x16, a 4x4 level
+    tiny_fast_edm   tiny_fast trained as EDM trains (Karras et al. 2022): its preconditioning (module.prediction=edm,
+                    sigma_data 0.6, the std of MNIST in [-1, 1]) and log-normal noise levels (P_mean -1.2, P_std 1.2)
     min_snr         module.loss_weighting=min_snr (Hang et al. 2023)
     v               module.prediction=v (Salimans & Ho 2022)
     channels_last   the default network and batches in channels-last memory format
@@ -127,6 +129,10 @@ class Candidate:
 CANDIDATES = {
     "default": Candidate("default"),
     "tiny_fast": Candidate("tiny_fast", ["model=tiny_fast"]),
+    "tiny_fast_edm": Candidate(
+        "tiny_fast_edm",
+        ["model=tiny_fast", "module.prediction=edm", "module.noise_levels=log_normal", "module.sigma_data=0.6"],
+    ),
     "min_snr": Candidate("min_snr", ["module.loss_weighting=min_snr"]),
     "v": Candidate("v", ["module.prediction=v"]),
     "channels_last": Candidate("channels_last", channels_last=True),

@@ -85,6 +85,9 @@ def test_min_snr_weighting_per_prediction():
     eps_err = torch.randn(3, dtype=torch.float64)
     x0_err = (1 - abar).sqrt() / abar.sqrt() * eps_err
     assert torch.allclose(clipped / snr * eps_err**2, clipped * x0_err**2)
+    # EDM's F: an error e in F is c_out e in x0, c_out^2 = sigma^2 sd^2 / (sigma^2 + sd^2) with sigma^2 = 1 / SNR
+    edm = Parameterisation(schedule, "edm", "min_snr", 5.0, sigma_data=0.5).loss_weight(abar)
+    assert torch.allclose(edm, clipped * (0.25 / snr) / (1 / snr + 0.25))
     assert Parameterisation(schedule, "eps").loss_weight(abar).eq(1).all()
     with pytest.raises(ValueError, match="loss_weighting"):
         Parameterisation(schedule, "eps", "snr")

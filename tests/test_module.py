@@ -58,10 +58,12 @@ def test_seed_api():
     assert model.hparams.beta_end == 0.01
 
 
-@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
-def test_optimizer_steps_lower_the_loss(prediction):
+@pytest.mark.parametrize(
+    ("prediction", "noise_levels"), [("eps", "uniform"), ("x0", "uniform"), ("v", "uniform"), ("edm", "log_normal")]
+)
+def test_optimizer_steps_lower_the_loss(prediction, noise_levels):
     torch.manual_seed(0)
-    model = small_model(prediction=prediction)
+    model = small_model(prediction=prediction, noise_levels=noise_levels)
     x0 = next(iter(toy_loader(8, 8)))[0]
     optimizer = torch.optim.Adam(model.net.parameters(), lr=3e-3)
 

@@ -114,6 +114,7 @@ def teacher_architecture(path: str, datamodule: ImageDataModule, module: dict) -
         )
     return {
         **{k: hp.get(k) for k in TEACHER_KEYS},
+        **({"sigma_data": hp["sigma_data"]} if "sigma_data" in hp else {}),  # edm's outputs depend on it
         "schedule": {k: hp[k] for k in SCHEDULE_KEYS if k in hp},
     }
 

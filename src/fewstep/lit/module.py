@@ -190,7 +190,9 @@ class DiffusionModel(L.LightningModule):
             ``nn.Module`` with the signature ``net(x, t, *, y=None, context=None, context_mask=None,
             pooled=None)`` and the keyword arguments ``image_size, in_channels, num_classes, context_dim``.
         unet: U-Net options (older checkpoints and the seed API): the same as ``net`` with fewstep's UNet.
-        prediction, loss_weighting, min_snr_gamma: the :class:`Parameterisation` (eps / x0 / v, min-SNR).
+        prediction, loss_weighting, min_snr_gamma, noise_levels, log_normal_mean, log_normal_std, sigma_data:
+            the :class:`Parameterisation`: eps / x0 / v / EDM's preconditioning, min-SNR weighting, uniform
+            timesteps or EDM's log-normal noise levels.
         lr, weight_decay, adam_betas, warmup_steps: AdamW with a linear learning-rate warm-up.
         lr_decay: the learning rate after the warm-up: ``constant``, or ``cosine`` / ``linear`` decay to
             zero at the last step (``lr_decay_steps``, by default the trainer's total steps). Annealing
@@ -230,6 +232,10 @@ class DiffusionModel(L.LightningModule):
         prediction: str = "eps",
         loss_weighting: str = "uniform",
         min_snr_gamma: float = 5.0,
+        noise_levels: str = "uniform",
+        log_normal_mean: float = -1.2,
+        log_normal_std: float = 1.2,
+        sigma_data: float = 0.5,
         lr: float = 2e-4,
         weight_decay: float = 0.0,
         adam_betas: tuple[float, float] = (0.9, 0.999),
@@ -282,6 +288,10 @@ class DiffusionModel(L.LightningModule):
                 "prediction": prediction,
                 "loss_weighting": loss_weighting,
                 "min_snr_gamma": min_snr_gamma,
+                "noise_levels": noise_levels,
+                "log_normal_mean": log_normal_mean,
+                "log_normal_std": log_normal_std,
+                "sigma_data": sigma_data,
                 "lr": lr,
                 "weight_decay": weight_decay,
                 "adam_betas": list(adam_betas),
@@ -310,7 +320,16 @@ class DiffusionModel(L.LightningModule):
         else:
             self.schedule = make_schedule(schedule)  # raises with the list of valid names
         try:
-            self.parameterisation = Parameterisation(self.schedule, prediction, loss_weighting, min_snr_gamma)
+            self.parameterisation = Parameterisation(
+                self.schedule,
+                prediction,
+                loss_weighting,
+                min_snr_gamma,
+                noise_levels=noise_levels,
+                log_normal_mean=log_normal_mean,
+                log_normal_std=log_normal_std,
+                sigma_data=sigma_data,
+            )
         except ValueError as err:
             raise ValueError(f"module.{err}") from None
         SamplerSpec.from_config(sampler)  # validate the sampler config now, not after training
