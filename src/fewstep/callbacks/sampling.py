@@ -142,7 +142,7 @@ class SamplingTime(L.Callback):
         result = pl_module.sample(
             self.num_samples, self.sampler, seed=0, guidance=self.guidance, return_result=True
         )  # conditional models: the null condition (guided with guidance.scale when that is not 1)
-        spec = pl_module.sampler_spec(self.sampler)  # sampler=auto: the sampler it stands for
+        spec = result.spec  # sampler=auto: the sampler it stood for
         figures = {
             "sampling/seconds_per_image": result.seconds / self.num_samples,
             "sampling/images_per_second": result.images_per_second,

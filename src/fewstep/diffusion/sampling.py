@@ -256,6 +256,7 @@ class SampleResult:
     nfe: float
     seconds: float
     indices: range = field(default_factory=lambda: range(0))
+    spec: SamplerSpec | None = None  # the sampler that ran (what sampler=auto stood for)
 
     @property
     def images_per_second(self) -> float:
@@ -331,7 +332,7 @@ def iter_generate(
             out = out.cpu() if to_cpu else out
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            yield SampleResult(out, counter.calls, time.perf_counter() - start, indices)
+            yield SampleResult(out, counter.calls, time.perf_counter() - start, indices, spec)
 
 
 def generate(*args, progress: Callable[[int], None] | None = None, **kwargs) -> SampleResult:
@@ -341,15 +342,16 @@ def generate(*args, progress: Callable[[int], None] | None = None, **kwargs) -> 
 
 def collect(batches: Iterable[SampleResult], progress: Callable[[int], None] | None = None) -> SampleResult:
     """Batches of samples as one result: images concatenated, the largest NFE, the summed time."""
-    chunks, nfe, seconds, indices = [], 0.0, 0.0, []
+    chunks, nfe, seconds, indices, spec = [], 0.0, 0.0, [], None
     for result in batches:
         chunks.append(result.images)
+        spec = result.spec
         nfe, seconds = max(nfe, result.nfe), seconds + result.seconds
         indices.extend(result.indices)
         if progress is not None:
             progress(len(result.images))
     span = range(indices[0], indices[-1] + 1) if indices else range(0)
-    return SampleResult(torch.cat(chunks), nfe, seconds, span)
+    return SampleResult(torch.cat(chunks), nfe, seconds, span, spec)
 
 
 def _rows(value: object, begin: int, n: int, total: int) -> object:
