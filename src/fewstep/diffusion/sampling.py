@@ -43,14 +43,15 @@ LD3_SETTINGS = {
 OPTIMIZE_FROM = ("karras", "logsnr", "quadratic", "trailing")
 AUTO = "auto"
 # sampler=auto: the measured best configuration up to a number of network calls (its steps), by FID of
-# the make train model (1,000 samples, classifier features; docs/samplers.md, "Which sampler for FID"):
-# UniPC-2 on the trailing grid at 5 calls (13.4 vs 25.1 for DPM-Solver++(2M) on Karras sigmas), DPM-Solver++(2M)
-# on Karras sigmas from 6 to 20 (6.3 vs 8.7 at 10 calls), where its truncation error gives a better FID than
-# the converged ODE (~9.6). Beyond 20 calls every grid is at the ODE's FID: UniPC on the trailing grid,
-# the smallest ODE error on trained networks (benchmarks/vs_diffusers.py). The last entry covers the rest.
+# the default make train model (model=tiny_fast; 1,000 samples, classifier features, the same noise for every
+# row; README, "Which sampler for FID"): UniPC-2 on the trailing grid up to 6 calls (11.1 vs 28.4 for
+# DPM-Solver++(2M) on Karras sigmas at 5, 7.6 vs 8.9 at 6), DPM-Solver++(2M) on Karras sigmas from 7 to 10
+# (4.7 vs 5.6 at 10), where its truncation error gives a better FID than the converged ODE, and UniPC-2 on
+# the trailing grid beyond (5.4 vs 5.7 at 15), the smallest ODE error on trained networks
+# (benchmarks/vs_diffusers.py). The last entry covers the rest.
 AUTO_CHOICES: tuple[tuple[int, dict], ...] = (
-    (5, {"name": "unipc", "spacing": "trailing", "order": 2}),
-    (20, {"name": "dpmpp_2m", "spacing": "karras"}),
+    (6, {"name": "unipc", "spacing": "trailing", "order": 2}),
+    (10, {"name": "dpmpp_2m", "spacing": "karras"}),
     (10**9, {"name": "unipc", "spacing": "trailing", "order": 2}),
 )
 
