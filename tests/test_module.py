@@ -217,6 +217,11 @@ def test_architecture_mismatch_is_one_line():
     with pytest.raises(ValueError, match="trained with another architecture") as err:
         check_architecture(dict(a.hparams), dict(b.hparams), path="x.ckpt")
     assert "\n" not in str(err.value) and "base_channels" in str(err.value)
+    # edm's outputs depend on sigma_data; other predictions ignore it
+    edm, edm_other = small_model(prediction="edm"), small_model(prediction="edm", sigma_data=0.6)
+    with pytest.raises(ValueError, match="sigma_data=0.5"):
+        check_architecture(dict(edm.hparams), dict(edm_other.hparams))
+    check_architecture(dict(a.hparams), dict(small_model(sigma_data=0.6).hparams))
 
 
 def test_nan_loss_stops_with_clear_message():

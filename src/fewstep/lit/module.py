@@ -777,9 +777,11 @@ def restore_rng_states(state: Mapping[str, Any]) -> None:
 def check_architecture(saved: Mapping[str, Any], current: Mapping[str, Any], path: str = "the checkpoint") -> None:
     """One clear error when a checkpoint was trained with another network or data shape."""
     saved, current = _with_net(saved), _with_net(current)
+    # sigma_data scales edm's input and output; other predictions ignore it (older checkpoints lack it)
+    keys = (*ARCHITECTURE_KEYS, "sigma_data") if saved.get("prediction") == "edm" else ARCHITECTURE_KEYS
     diffs = [
         f"{k}={saved.get(k)!r} (this run: {current.get(k)!r})"
-        for k in ARCHITECTURE_KEYS
+        for k in keys
         if _plain(saved.get(k)) != _plain(current.get(k))
     ]
     if diffs:
