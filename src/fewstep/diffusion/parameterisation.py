@@ -170,19 +170,14 @@ class Parameterisation:
         """Weighted MSE between ``net(c_in x, t, **cond)`` and its target at drawn noise levels."""
         t, sigma = self.training_noise_levels(x0.shape[0], x0.device, generator)
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-        if self.prediction == "edm":
-            s = _per_sample(sigma, x0)
-            c_in = self.preconditioning(s)[0]
-            out = net(c_in * (x0 + s * noise), t.to(x0.dtype), **dict(cond or {}))
-            target = self.target(x0, noise, s)
-        else:  # the VP form x_t = sqrt(abar) x0 + sqrt(1 - abar) eps, at a fractional t for log-normal levels
-            abar = _per_sample(1 / (1 + sigma**2), x0)
-            out = net(abar.sqrt() * x0 + (1 - abar).sqrt() * noise, t.to(x0.dtype), **dict(cond or {}))
-            target = training_target(self.prediction, x0, noise, abar)
+        s = _per_sample(sigma, x0)
+        # c_in x: for eps / x0 / v the VP x_t = sqrt(abar) x0 + sqrt(1 - abar) eps, whatever the levels
+        out = net(self.preconditioning(s)[0] * (x0 + s * noise), t.to(x0.dtype), **dict(cond or {}))
+        target = self.target(x0, noise, s)
         if self.loss_weighting == "uniform":
             return F.mse_loss(out.float(), target.float())
         per_sample = (out.float() - target.float()).pow(2).flatten(1).mean(1)
-        return (self.loss_weight(1 / (1 + sigma.double() ** 2)).float() * per_sample).mean()
+        return (self.loss_weight(1 / (1 + sigma**2)).float() * per_sample).mean()
 
     def __repr__(self) -> str:
         return (
