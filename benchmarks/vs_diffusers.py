@@ -231,6 +231,8 @@ def compare(
     t3 = time.perf_counter()
     for name in args.tuned:  # grids tuned to the model: coordinate descent (optimized) against LD3
         for method, tune in (("optimized", optimize_sigmas), ("ld3", ld3_sigmas)):
+            if method not in args.tune_methods:
+                continue
             for nfe in args.tuned_nfe:
                 starts = [schedule.sigmas(nfe, s, dtype=torch.float64) for s in OPTIMIZE_FROM]
                 counting, start_time = CountingDenoiser(denoiser), time.perf_counter()
@@ -364,6 +366,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--tuned", nargs="*", default=["dpmpp_2m"], help="samplers whose grid is tuned: optimized against ld3"
+    )
+    parser.add_argument(
+        "--tune-methods", nargs="+", choices=["optimized", "ld3"], default=["optimized", "ld3"], help="grid tuners"
     )
     parser.add_argument("--tuned-nfe", type=int, nargs="+", default=[5, 10], help="budgets of the tuned grids")
     parser.add_argument("--no-diffusers", dest="diffusers", action="store_false", help="skip diffusers' schedulers")
