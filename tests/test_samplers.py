@@ -291,8 +291,10 @@ def test_auto_is_the_measured_choice_for_its_steps():
     # the packaged config and any other key override the choice; a key the choice lacks is an error
     spec = SamplerSpec.from_config({**yaml.safe_load((CONF / "auto.yaml").read_text()), "spacing": "logsnr"})
     assert spec.steps == 10 and spec.spacing == "logsnr"
-    with pytest.raises(ValueError, match="has no option eta"):
-        SamplerSpec.from_config({"name": "auto", "steps": 10, "eta": 0.5})
+    with pytest.raises(ValueError, match="has no option restart_times"):
+        SamplerSpec.from_config({"name": "auto", "steps": 10, "restart_times": 2})
+    # from 8 steps on the choice is stochastic (SDE-DPM-Solver++(2M)) and takes its options
+    assert SamplerSpec.from_config({"name": "auto", "steps": 10, "eta": 0.5}).options["eta"] == 0.5
 
 
 def test_nfe_counts(gmm, ode_problem):
