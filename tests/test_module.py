@@ -308,7 +308,9 @@ def test_optimized_spacing_cached_per_checkpoint(tmp_path):
     searched = len(calls)
     assert searched > 100 and first.shape == (2, 1, 16, 16)  # the fine-step reference alone is 511 calls
     cache = tmp_path / "ckpt" / "last.optimized_sigmas.json"
-    assert cache.is_file()
+    # the search's cost is stored with the grid: every call of the search ran on its 16 noises
+    (record,) = json.loads(cache.read_text())
+    assert record["cost"]["network_evaluations"] == 16 * (searched - 3) and record["cost"]["seconds"] > 0
     again = load_model(tmp_path / "ckpt" / "last.ckpt")  # a new process would start like this
     calls.clear()
     net_forward = again.ema.module.forward
@@ -329,7 +331,7 @@ def test_ld3_spacing_cached_and_leaves_the_weights_alone(tmp_path):
     assert all(p.grad is None for p in loaded.parameters())  # the grid was fitted, not the network
     assert all(torch.equal(a, b) for a, b in zip(before, loaded.parameters(), strict=True))
     records = json.loads((tmp_path / "ckpt" / "last.optimized_sigmas.json").read_text())
-    assert [r["key"].get("spacing") for r in records] == ["ld3"]
+    assert [r["key"].get("spacing") for r in records] == ["ld3"] and records[0]["cost"]["network_evaluations"] > 0
     again = load_model(tmp_path / "ckpt" / "last.ckpt")  # a new process would start like this
     calls: list[int] = []
     net_forward = again.ema.module.forward
@@ -353,6 +355,7 @@ def test_learned_sampler_fitted_once_per_checkpoint(tmp_path):
     assert len(calls) == 16 * 2 + 1 + 3 + 3  # fine solution, the fit's own 3 steps, then sampling
     records = json.loads((tmp_path / "ckpt" / "last.optimized_sigmas.json").read_text())
     assert [r["key"]["kind"] for r in records] == ["learned_coefficients"] and len(records[0]["value"]) == 3
+    assert records[0]["cost"]["network_evaluations"] == 64 * (16 * 2 + 1 + 3)  # the fit's batch of 64 noises
     calls.clear()
     second = counted(tmp_path / "ckpt" / "last.ckpt").sample(2, "learned", steps=3, seed=0)
     assert len(calls) == 3 and torch.equal(first, second)  # read from the cache: only the 3 sampling calls

@@ -9,6 +9,7 @@ weights (:func:`learned_coefficients`).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
@@ -146,12 +147,15 @@ def optimized_sigmas(
         raise ValueError(f"spacing={spec.spacing} is not tuned to a model; use SamplerSpec.sigmas")
     starts = [schedule.sigmas(spec.steps, s, dtype=torch.float64, **spec.spacing_options) for s in OPTIMIZE_FROM]
 
+    counter, cost = CountingDenoiser(spec.wrap(denoiser), batch=1), {}
+
     def compute() -> Tensor:
         generator = torch.Generator().manual_seed(0)
         noise = torch.randn((batch_size, *shape), generator=generator).to(device)
-        if spec.spacing == LD3:
-            return ld3_sigmas(spec.wrap(denoiser), noise, starts, spec.name, options=spec.options, log=log.info)
-        return optimize_sigmas(spec.wrap(denoiser), noise, starts, spec.name, options=spec.options)
+        with costed(counter, cost, f"{spec.spacing} grid for {spec.name} at {spec.steps} steps"):
+            if spec.spacing == LD3:
+                return ld3_sigmas(counter, noise, starts, spec.name, options=spec.options, log=log.info)
+            return optimize_sigmas(counter, noise, starts, spec.name, options=spec.options)
 
     if cache_path is None:
         return compute()
@@ -166,7 +170,7 @@ def optimized_sigmas(
         "batch_size": batch_size,
         **({"spacing": LD3, "ld3": LD3_SETTINGS} if spec.spacing == LD3 else {}),  # optimized: the old keys
     }
-    return load_or_optimize(cache_path, key, compute)
+    return load_or_optimize(cache_path, key, compute, cost=cost)
 
 
 def learned_coefficients(
@@ -187,10 +191,13 @@ def learned_coefficients(
     history, form = int(spec.options.get("history", 3)), str(spec.options.get("form", "eps"))
     steps = len(sigmas) - 1
 
+    counter, cost = CountingDenoiser(spec.wrap(denoiser), batch=1), {}
+
     def compute() -> list[list[float]]:
         noise = torch.randn((batch_size, *shape), generator=torch.Generator().manual_seed(0)).to(device)
         batch_cond = {k: v[:batch_size] for k, v in (cond or {}).items()}
-        return fit_coefficients(spec.wrap(denoiser), noise, sigmas, form=form, history=history, cond=batch_cond)
+        with costed(counter, cost, f"learned weights for {steps} steps"):
+            return fit_coefficients(counter, noise, sigmas, form=form, history=history, cond=batch_cond)
 
     if cache_path is None:
         return compute()
@@ -208,7 +215,18 @@ def learned_coefficients(
         "shape": list(shape),
         "batch_size": batch_size,
     }
-    return load_or_compute(cache_path, key, compute, valid=valid)
+    return load_or_compute(cache_path, key, compute, valid=valid, cost=cost)
+
+
+@contextlib.contextmanager
+def costed(counter: CountingDenoiser, cost: dict, what: str) -> Iterator[None]:
+    """Fill ``cost`` with the network evaluations (images through the network, ``counter``'s calls
+    with ``batch=1``) and the seconds of the block, and log them: what a learned grid or weight set
+    costs once, before the cache makes it free."""
+    counter.calls, start = 0, time.perf_counter()
+    yield
+    cost.update(network_evaluations=counter.calls, seconds=round(time.perf_counter() - start, 2))
+    log.info("%s: %d network evaluations (images), %.1f s", what, cost["network_evaluations"], cost["seconds"])
 
 
 class CountingDenoiser:

@@ -15,10 +15,11 @@ checkpoint with :func:`load_or_optimize`.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ import torch
 from torch import Tensor
 
 from fewstep.samplers.registry import check_sigmas, get_sampler
+
+log = logging.getLogger(__name__)
 
 
 def _karras(sigma_max: float, sigma_min: float, steps: int, rho: float = 7.0) -> Tensor:
@@ -123,6 +126,7 @@ def load_or_compute(
     compute: Callable[[], Any],
     *,
     valid: Callable[[Any], bool] = lambda value: True,
+    cost: Mapping[str, float] | None = None,
 ) -> Any:
     """The JSON value cached under ``key`` in the file ``cache_path``, or ``compute()`` stored there.
 
@@ -130,7 +134,9 @@ def load_or_compute(
     points, ...); it is compared after a JSON round trip, so tuples and lists match. The file is a
     list of ``{"key": ..., "value": ...}`` records, rewritten atomically (temporary file + rename) on
     every addition, so a crash never leaves half a file. An unreadable file, or an entry that
-    ``valid`` rejects (stale, edited by hand), is ignored with a warning and recomputed.
+    ``valid`` rejects (stale, edited by hand), is ignored with a warning and recomputed. ``cost``, a
+    dict that ``compute`` fills (network evaluations, seconds), is stored beside a new value and
+    logged when the value is read back, so a user sees what the cache saved.
     """
     path = Path(cache_path)
     key = json.loads(json.dumps(key, sort_keys=True, default=str))
@@ -151,12 +157,14 @@ def load_or_compute(
             except (TypeError, ValueError, IndexError):
                 ok = False
             if ok:
+                if record.get("cost"):
+                    log.info("read from the cache %s (it cost %s once)", path, _fmt_cost(record["cost"]))
                 return value
             warnings.warn(f"ignoring an invalid entry of the cache {path}; recomputing it", stacklevel=2)
             records.remove(record)
             break
     value = compute()
-    records.append({"key": key, "value": value})
+    records.append({"key": key, "value": value, **({"cost": dict(cost)} if cost else {})})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(records, indent=1, sort_keys=True))
@@ -164,7 +172,13 @@ def load_or_compute(
     return value
 
 
-def load_or_optimize(cache_path: str | Path, key: dict, compute: Callable[[], Tensor]) -> Tensor:
+def _fmt_cost(cost: Mapping[str, float]) -> str:
+    return ", ".join(f"{v:g} {k.replace('_', ' ')}" for k, v in cost.items())
+
+
+def load_or_optimize(
+    cache_path: str | Path, key: dict, compute: Callable[[], Tensor], cost: Mapping[str, float] | None = None
+) -> Tensor:
     """The grid cached under ``key`` (:func:`load_or_compute`), or ``compute()`` stored there; an
     entry that is no grid (not decreasing, not ending in 0) is recomputed."""
 
@@ -172,7 +186,7 @@ def load_or_optimize(cache_path: str | Path, key: dict, compute: Callable[[], Te
         grid = torch.tensor(value, dtype=torch.float64)
         return grid.ndim == 1 and len(grid) >= 2 and float(grid[-1]) == 0 and bool((grid[:-1] > grid[1:]).all())
 
-    value = load_or_compute(cache_path, key, lambda: compute().double().cpu().tolist(), valid=valid)
+    value = load_or_compute(cache_path, key, lambda: compute().double().cpu().tolist(), valid=valid, cost=cost)
     return torch.tensor(value, dtype=torch.float64)
 
 
