@@ -100,6 +100,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="dim 8, 500 samples, Gaussian-mixture part only")
     parser.add_argument("--plot", default=str(ROOT / "assets" / "samplers_error.png"))
     parser.add_argument("--part", choices=("all", "gmm", "unet"), default="all")
+    parser.add_argument("--device", default="cpu", help="where the U-Net overhead part runs (e.g. cuda)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[8], help="U-Net overhead batch size(s)")
     args = parser.parse_args()
     if args.quick:
         args.dim, args.n, args.part = 8, 500, "gmm"
@@ -110,7 +112,8 @@ def main() -> None:
     if args.part != "unet":
         gaussian_mixture(args, schedule)
     if args.part != "gmm":
-        unet_overhead(schedule)
+        for batch in args.batch:
+            unet_overhead(schedule, batch=batch, device=torch.device(args.device))
 
 
 def gaussian_mixture(args: argparse.Namespace, schedule: LinearSchedule) -> None:
@@ -259,8 +262,15 @@ def plot(curves: dict, floor: float, path: str) -> None:
     print(f"\nwrote {path}")
 
 
-def unet_overhead(schedule: LinearSchedule, nfe: int = 20, batch: int = 8, repeats: int = 5) -> None:
-    """Sampling time minus the time of the same number of bare network calls, tiny U-Net, CPU."""
+def unet_overhead(
+    schedule: LinearSchedule, nfe: int = 20, batch: int = 8, repeats: int = 5, device: torch.device | None = None
+) -> None:
+    """Sampling time minus the time of the same number of bare network calls, tiny U-Net (CPU or GPU).
+
+    On a GPU every timing ends with a device sync, so the figure is the sampler's own kernels and
+    Python time beyond the network's, as a user waiting for the images sees it."""
+    device = device or torch.device("cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     try:
         from fewstep.diffusion import Denoiser
         from fewstep.nn import UNet
@@ -268,28 +278,35 @@ def unet_overhead(schedule: LinearSchedule, nfe: int = 20, batch: int = 8, repea
         print(f"\nU-Net overhead skipped: {err}")
         return
     torch.manual_seed(0)
-    net = UNet(
-        image_size=32,
-        in_channels=1,
-        base_channels=32,
-        channel_mult=(1, 2, 2),
-        num_res_blocks=1,
-        attention_resolutions=(8,),
-        dropout=0.0,
-    ).eval()
+    net = (
+        UNet(
+            image_size=32,
+            in_channels=1,
+            base_channels=32,
+            channel_mult=(1, 2, 2),
+            num_res_blocks=1,
+            attention_resolutions=(8,),
+            dropout=0.0,
+        )
+        .eval()
+        .to(device)
+    )
     denoiser = Denoiser(net, schedule, prediction="eps")
-    x1 = torch.randn(batch, 1, 32, 32)
-    t = torch.full((batch,), 500.0)
+    x1 = torch.randn(batch, 1, 32, 32, device=device)
+    t = torch.full((batch,), 500.0, device=device)
 
     def bare(calls: int) -> float:
         with torch.no_grad():
+            sync()
             start = time.perf_counter()
             for _ in range(calls):
                 net(x1, t)
+            sync()
             return time.perf_counter() - start
 
     bare(3)  # warm-up
-    print(f"\n## Overhead beyond network calls: tiny U-Net, batch {batch} x 1 x 32 x 32, float32, 1 CPU thread\n")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "1 CPU thread"
+    print(f"\n## Overhead beyond network calls: tiny U-Net, batch {batch} x 1 x 32 x 32, float32, {where}\n")
     print("| sampler | NFE | sampling ms | bare calls ms | overhead ms | overhead % |")
     print("|---|---:|---:|---:|---:|---:|")
     names = [n for n in sorted(SAMPLERS) if n != "ode_rk45"] + ["ode_rk45"]
@@ -298,12 +315,15 @@ def unet_overhead(schedule: LinearSchedule, nfe: int = 20, batch: int = 8, repea
         steps, options = steps_for(name, nfe, options)
         if name == "ode_rk45":
             steps, options = 2, {**options, "rtol": 1e-2, "atol": 1e-2}
-        sigmas = schedule.sigmas(steps, spacing, dtype=torch.float32, **spacing_options)
+        sigmas = schedule.sigmas(steps, spacing, dtype=torch.float32, **spacing_options).to(device)
         best, base = math.inf, math.inf
         for _ in range(repeats):  # interleaved, best of each: the machine may be shared
             den = Counting(denoiser)
+            generator = torch.Generator(device=device).manual_seed(0)
+            sync()
             start = time.perf_counter()
-            SAMPLERS[name](den, x1 * sigmas[0], sigmas, generator=torch.Generator().manual_seed(0), **options)
+            SAMPLERS[name](den, x1 * sigmas[0], sigmas, generator=generator, **options)
+            sync()
             best, calls = min(best, time.perf_counter() - start), den.calls
             base = min(base, bare(calls))
         print(
