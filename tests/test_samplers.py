@@ -288,12 +288,20 @@ def test_auto_is_the_measured_choice_for_its_steps():
         expected = auto_config(steps)
         assert (spec.name, spec.steps, spec.spacing) == (expected["name"], steps, expected["spacing"])
         assert spec.options == {k: v for k, v in expected.items() if k not in GRID_KEYS}
+        grid_options = GRID_KEYS - {"name", "steps", "spacing"}
+        assert spec.spacing_options == {k: v for k, v in expected.items() if k in grid_options}
+    # from 4 steps on: the SDE on Karras sigmas from sigma 20, or from the schedule's own top where that is lower
+    assert auto_config(4)["sigma_max"] == 20.0 and auto_config(3)["name"] == "unipc"
+    spec = SamplerSpec.from_config({"name": "auto", "steps": 10})
+    assert float(spec.sigmas(SCHEDULE)[0]) == pytest.approx(20.0)
+    low = LinearSchedule(beta_end=0.01)  # the seed article's schedule: its top is about 12.5
+    assert low.sigma_max < 20 and float(spec.sigmas(low)[0]) == pytest.approx(low.sigma_max)
     # the packaged config and any other key override the choice; a key the choice lacks is an error
     spec = SamplerSpec.from_config({**yaml.safe_load((CONF / "auto.yaml").read_text()), "spacing": "logsnr"})
     assert spec.steps == 10 and spec.spacing == "logsnr"
     with pytest.raises(ValueError, match="has no option restart_times"):
         SamplerSpec.from_config({"name": "auto", "steps": 10, "restart_times": 2})
-    # from 8 steps on the choice is stochastic (SDE-DPM-Solver++(2M)) and takes its options
+    # from 4 steps on the choice is stochastic (SDE-DPM-Solver++(2M)) and takes its options
     assert SamplerSpec.from_config({"name": "auto", "steps": 10, "eta": 0.5}).options["eta"] == 0.5
 
 

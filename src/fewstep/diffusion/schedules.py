@@ -80,7 +80,13 @@ class Schedule:
         return t_to_sigma(self.train_sigmas, t)
 
     def sigmas(self, steps: int, spacing: str = "trailing", dtype: torch.dtype = torch.float32, **options) -> Tensor:
-        """The sampling grid: ``steps + 1`` decreasing noise levels ending in 0."""
+        """The sampling grid: ``steps + 1`` decreasing noise levels ending in 0.
+
+        A ``sigma_max`` above the schedule's largest level is capped there: the model was trained on no
+        noisier level (so ``sampler=auto``'s ``sigma_max: 20`` starts at the schedule's own top on a
+        schedule that ends below 20)."""
+        if options.get("sigma_max") is not None:
+            options["sigma_max"] = min(float(options["sigma_max"]), self.sigma_max)
         return make_sigmas(self.train_sigmas, steps, spacing, dtype=dtype, **options)
 
     def gather(self, table: Tensor, t: Tensor, like: Tensor) -> Tensor:
