@@ -437,6 +437,14 @@ def test_load_or_optimize_caches_json(tmp_path):
     other = load_or_optimize(path, {**key, "steps": 4}, compute)
     assert len(calls) == 2 and torch.equal(first, again) and torch.equal(first, other)
     assert path.read_text().lstrip().startswith("[")
+    # the cost a caller records is stored with the value; a malformed one is only a note, never a recompute
+    cost = {"network_evaluations": 7, "seconds": 0.5}
+    load_or_optimize(path, {**key, "steps": 5}, compute, cost=cost)
+    records = json.loads(path.read_text())
+    assert records[-1]["cost"] == cost and "cost" not in records[0] and len(calls) == 3
+    records[-1]["cost"] = ["not", "a", "dict"]
+    path.write_text(json.dumps(records))
+    assert torch.equal(load_or_optimize(path, {**key, "steps": 5}, compute), first) and len(calls) == 3
     # a stale entry (no grid) and a corrupted file are ignored with a warning and recomputed
     records = json.loads(path.read_text())
     records[0]["value"] = [1.0, 2.0]
@@ -446,8 +454,8 @@ def test_load_or_optimize_caches_json(tmp_path):
     path.write_text('[{"key": {"ckpt": "last.c')
     with pytest.warns(UserWarning, match="unreadable cache"):
         assert torch.equal(load_or_optimize(path, key, compute), first)
-    assert len(calls) == 4
-    assert torch.equal(load_or_optimize(path, key, compute), first) and len(calls) == 4  # the file was mended
+    assert len(calls) == 5
+    assert torch.equal(load_or_optimize(path, key, compute), first) and len(calls) == 5  # the file was mended
 
 
 def test_learned_coefficients_beat_fixed_rules_on_held_out_noise():

@@ -157,7 +157,7 @@ def load_or_compute(
             except (TypeError, ValueError, IndexError):
                 ok = False
             if ok:
-                if record.get("cost"):
+                if isinstance(record.get("cost"), dict):  # a note only: a malformed one is not logged
                     log.info("read from the cache %s (it cost %s once)", path, _fmt_cost(record["cost"]))
                 return value
             warnings.warn(f"ignoring an invalid entry of the cache {path}; recomputing it", stacklevel=2)
@@ -173,7 +173,7 @@ def load_or_compute(
 
 
 def _fmt_cost(cost: Mapping[str, float]) -> str:
-    return ", ".join(f"{v:g} {k.replace('_', ' ')}" for k, v in cost.items())
+    return ", ".join(f"{v} {str(k).replace('_', ' ')}" for k, v in cost.items())
 
 
 def load_or_optimize(
