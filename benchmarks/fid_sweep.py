@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import runpy
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from fewstep.lit import load_model
+from fewstep.precision import cpu_name
 from fewstep.sample import build_scores
 
 SDE = "dpmpp_2m_sde steps=10 spacing=karras"
@@ -72,15 +72,7 @@ def parse_row(row: str) -> tuple[str, dict[str, Any]]:
 
 
 def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
