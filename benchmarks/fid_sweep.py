@@ -10,7 +10,7 @@ sampler.KEY=VALUE``): grid options (``spacing``, ``rho``, ``sigma_min``, ``sigma
 sampler's own (``eta``, ``s_noise``, ...); values are read as YAML (``eta=1.2``, ``spacing=karras``).
 Each row draws ``--n`` samples for every seed of ``--seeds`` through ``DiffusionModel.sample_batches``,
 so sample i of seed s starts from the same noise in every row and is the sample ``sample.py seed=s``
-draws; the FID, KID and IS are those of ``sample.py eval=true`` (features from ``features=auto``:
+draws; the FID is that of ``sample.py eval=true`` (features from ``features=auto``:
 the feature classifier on MNIST-5k, cached in ``logs/cache``). Two seeds give two independent FIDs per
 row: their spread says which differences between rows are noise.
 
@@ -53,7 +53,7 @@ PRESETS: dict[str, list[str]] = {
         # the SDE's noise
         *(f"{SDE} eta={eta}" for eta in (0.75, 1.25)),
         "ddpm steps=10",
-        # how the SDE converges in steps towards 1000-step DDPM
+        # auto at other step counts, towards 1000-step DDPM
         *(f"auto steps={n}" for n in (5, 8, 15, 20, 50, 100)),
     ],
 }
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     listed = [line.split("#", 1)[0].strip() for line in listed]
     rows = [*(PRESETS[args.preset] if args.preset else []), *filter(None, listed), *args.row]
     if not rows:
-        parser.error("give --row and/or --preset")
+        parser.error("give --row, --rows and/or --preset")
     parsed = [parse_row(row) for row in rows]  # bad rows fail before anything runs
     if args.n < 2:
         parser.error(f"--n must be >= 2 (FID fits a covariance), got {args.n}")
