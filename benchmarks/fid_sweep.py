@@ -4,6 +4,8 @@
     python benchmarks/fid_sweep.py --ckpt CKPT --preset fid10 --n 2000 --seeds 0 1 --device cuda --out sweep.json
     python benchmarks/fid_sweep.py --ckpt CKPT --plugin my_sampler.py --row "my_sampler steps=10"
     python benchmarks/fid_sweep.py --ckpt CKPT --rows rows.txt      # one row per line
+    python benchmarks/fid_sweep.py --ckpt CKPT --out sweep.json --reuse --baseline "ddpm steps=1000" \
+        --row "ddpm steps=1000" --row "auto steps=10"                # DDPM scored once, kept in sweep.json
 
 A row is a sampler name and ``key=value`` options, as ``sample.py`` takes them (``sampler=NAME
 sampler.KEY=VALUE``): grid options (``spacing``, ``rho``, ``sigma_min``, ``sigma_max``) and the
@@ -16,6 +18,13 @@ row: their spread says which differences between rows are noise.
 
 ``--plugin FILE`` runs a Python file first: a sampler it registers (``fewstep.samplers.register``)
 can be named in a row, to try a new method against the built-in ones on the same noise.
+``--reuse`` takes the FID of a (row, seed) from ``--out`` when it was scored there with the same
+checkpoint (by its SHA-256), n, features and device type (CPU or CUDA), so that a slow row (1000-step
+DDPM: an hour on a CPU) runs once and later sweeps add rows or seeds to the same file. Rows of the file
+that are not asked for stay in it; ``fid_mean`` is over this run's seeds, ``fid`` keeps every seed
+scored. It trusts the file: after changing a sampler's code, drop ``--reuse``. ``--baseline ROW`` runs
+that row first and adds a column: each row's mean FID over the seeds divided by the baseline's
+(``"ddpm steps=1000"`` for the 10-call target).
 Presets: ``fid10`` (the ``sampler=auto`` candidates at 10 network calls, ``auto`` at other step
 counts, and 1000-step DDPM).
 """
@@ -23,7 +32,9 @@ counts, and 1000-step DDPM).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import runpy
 import time
 from pathlib import Path
@@ -59,6 +70,10 @@ PRESETS: dict[str, list[str]] = {
 }
 
 
+# what a record says of how its row ran (taken over as it is when every seed of a row is reused)
+DESCRIPTION = ("sampler", "steps", "spacing", "spacing_options", "options", "nfe", "seconds_per_image", "device")
+
+
 def parse_row(row: str) -> tuple[str, dict[str, Any]]:
     """``"NAME k=v ..."`` -> (NAME, {k: v}) with YAML values."""
     name, *pairs = row.split()
@@ -69,6 +84,35 @@ def parse_row(row: str) -> tuple[str, dict[str, Any]]:
             raise ValueError(f"row {row!r}: {pair!r} is not key=value (e.g. eta=1.0)")
         options[key] = yaml.safe_load(value)
     return name, options
+
+
+def checkpoint_id(path: str) -> str:
+    """What ties a stored FID to its checkpoint: the file's SHA-256 (a retrained model at the same path
+    has the same size but other weights)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def read_records(path: str) -> list[dict[str, Any]]:
+    """The rows an earlier run wrote to ``path`` ([] if there is no such file)."""
+    if not Path(path).exists():
+        return []
+    try:
+        records = json.loads(Path(path).read_text())
+        assert isinstance(records, list) and all(isinstance(r, dict) and "row" in r for r in records)
+    except (ValueError, AssertionError):
+        raise SystemExit(f"--out {path} is not a fid_sweep JSON file: give another --out path") from None
+    return records
+
+
+def matching(records: list[dict[str, Any]], row: str, key: dict[str, Any]) -> dict[str, Any] | None:
+    """The stored record of ``row`` scored with the same checkpoint, n, features and device type."""
+    return next((r for r in records if r["row"] == row and all(r.get(k) == v for k, v in key.items())), None)
+
+
+def merge(records: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``records`` with the rows of ``new`` replaced where they stand, and ``new``'s other rows appended."""
+    fresh = {record["row"]: record for record in new}
+    return [fresh.pop(record["row"], record) for record in records] + list(fresh.values())
 
 
 def machine(device: torch.device) -> str:
@@ -88,12 +132,23 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--plugin", action="append", default=[], help="a Python file run first (registers samplers)")
     parser.add_argument("--cache-dir", default="logs/cache", help="feature classifier and reference statistics")
     parser.add_argument("--out", help="write the rows as JSON here (after every row)")
+    parser.add_argument("--reuse", action="store_true", help="take FIDs already in --out (same ckpt, n, features)")
+    parser.add_argument("--baseline", help="a row to divide every row's mean FID by (e.g. 'ddpm steps=1000')")
     args = parser.parse_args(argv)
     listed = Path(args.rows).read_text().splitlines() if args.rows else []
     listed = [line.split("#", 1)[0].strip() for line in listed]
     rows = [*(PRESETS[args.preset] if args.preset else []), *filter(None, listed), *args.row]
+    rows = list(dict.fromkeys(" ".join(row.split()) for row in rows))  # each row once, spaced as stored
     if not rows:
         parser.error("give --row, --rows and/or --preset")
+    baseline = " ".join(args.baseline.split()) if args.baseline else None
+    if baseline is not None:
+        if baseline not in rows:
+            parser.error(f"--baseline {args.baseline!r} is not one of the rows; add it with --row")
+        rows.insert(0, rows.pop(rows.index(baseline)))  # first, so that every row after it shows its ratio
+    if args.reuse and not args.out:
+        parser.error("--reuse takes the FIDs stored in --out FILE: give --out")
+    stored = read_records(args.out) if args.out else []
     parsed = [parse_row(row) for row in rows]  # bad rows fail before anything runs
     if args.n < 2:
         parser.error(f"--n must be >= 2 (FID fits a covariance), got {args.n}")
@@ -114,47 +169,67 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     )
     scores = build_scores(cfg, model, device)
     where = machine(device)
+    key = {
+        "ckpt_sha256": checkpoint_id(args.ckpt),
+        "n": args.n,
+        "features": scores.features,
+        "device_type": device.type,
+    }
     print(f"{args.ckpt}: n={args.n} per seed, seeds {args.seeds}, {scores.features} features, {where}\n")
-    print(f"| sampler | NFE | {' | '.join(f'FID seed {s}' for s in args.seeds)} | mean FID | s / image |")
-    print(f"|---|---:|{'---:|' * len(args.seeds)}---:|---:|")
+    ratio_head, ratio_rule = (f" / {baseline} |", "---:|") if baseline else ("", "")
+    print(f"| sampler | NFE | {' | '.join(f'FID seed {s}' for s in args.seeds)} | mean FID |{ratio_head} s / image |")
+    print(f"|---|---:|{'---:|' * len(args.seeds)}---:|{ratio_rule}---:|")
     results: list[dict[str, Any]] = []
+    any_reused = False
     for row, (name, options) in zip(rows, parsed, strict=True):
-        fids, seconds, nfe, spec = [], 0.0, 0.0, None
-        for seed in args.seeds:
+        old = matching(stored, row, key) if args.reuse else None
+        earlier = dict(old["fid"]) if old else {}
+        fids, seconds, computed, nfe, spec = {}, 0.0, 0, 0.0, None
+        for seed in map(str, args.seeds):
+            if seed in earlier:
+                fids[seed] = earlier[seed]
+                any_reused = True
+                continue
             scores.reset()
             start = time.perf_counter()
-            for result in model.sample_batches(args.n, name, seed=seed, batch_size=args.batch_size, **options):
+            for result in model.sample_batches(args.n, name, seed=int(seed), batch_size=args.batch_size, **options):
                 scores.update(result.images)
                 nfe, spec = max(nfe, result.nfe), result.spec
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            seconds += time.perf_counter() - start
-            fids.append(scores.compute()["fid"])
-        mean = sum(fids) / len(fids)
-        results.append(
-            {
-                "row": row,
-                "sampler": spec.name if spec else name,
-                "steps": spec.steps if spec else None,
-                "spacing": spec.spacing if spec else None,
-                "spacing_options": dict(spec.spacing_options) if spec else {},
-                "options": {k: v for k, v in (spec.options if spec else {}).items() if k != "coefficients"},
+            seconds, computed = seconds + time.perf_counter() - start, computed + 1
+            fids[seed] = scores.compute()["fid"]
+        if spec is not None:
+            described = {
+                "sampler": spec.name,
+                "steps": spec.steps,
+                "spacing": spec.spacing,
+                "spacing_options": dict(spec.spacing_options),
+                "options": {k: v for k, v in spec.options.items() if k != "coefficients"},
                 "nfe": nfe,
-                "fid": dict(zip(map(str, args.seeds), fids, strict=True)),
-                "fid_mean": mean,
-                "seconds_per_image": seconds / (args.n * len(args.seeds)),
-                "n": args.n,
-                "features": scores.features,
+                "seconds_per_image": seconds / (args.n * computed),
                 "device": where,
             }
-        )
+        else:  # every seed reused: the stored record describes the run
+            described = {k: old[k] for k in DESCRIPTION if k in old}
+        all_fids = {**earlier, **fids}  # seeds scored before and not asked for now stay in the file
+        mean = sum(fids.values()) / len(fids)
+        results.append({"row": row, **described, "fid": all_fids, "fid_mean": mean, "ckpt": args.ckpt, **key})
+        cells = " | ".join(f"{f:.3f}{'*' if s in earlier else ''}" for s, f in fids.items())
+        shown = ""
+        if baseline:
+            results[-1]["fid_over_baseline"] = mean / results[0]["fid_mean"]
+            shown = f" {results[-1]['fid_over_baseline']:.2f}x |"
         print(
-            f"| {row} | {nfe:g} | {' | '.join(f'{f:.3f}' for f in fids)} | {mean:.3f} |"
-            f" {results[-1]['seconds_per_image']:.4f} |",
+            f"| {row} | {described['nfe']:g} | {cells} | {mean:.3f} |{shown} {described['seconds_per_image']:.4f} |",
             flush=True,
         )
-        if args.out:
-            Path(args.out).write_text(json.dumps(results, indent=2))
+        if args.out:  # whole or not at all: a crash mid-write must not lose the rows already scored
+            partial = Path(f"{args.out}.partial")
+            partial.write_text(json.dumps(merge(stored, results), indent=2))
+            os.replace(partial, args.out)
+    if any_reused:
+        print(f"\n*: taken from {args.out} (scored there with the same checkpoint, n and features)")
     return results
 
 
