@@ -98,9 +98,10 @@ def read_records(path: str) -> list[dict[str, Any]]:
         return []
     try:
         records = json.loads(Path(path).read_text())
-        assert isinstance(records, list) and all(isinstance(r, dict) and "row" in r for r in records)
-    except (ValueError, AssertionError):
-        raise SystemExit(f"--out {path} is not a fid_sweep JSON file: give another --out path") from None
+    except ValueError:
+        records = None
+    if not isinstance(records, list) or not all(isinstance(r, dict) and "row" in r for r in records):
+        raise SystemExit(f"--out {path} is not a fid_sweep JSON file: give another --out path")
     return records
 
 
