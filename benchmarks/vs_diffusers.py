@@ -23,8 +23,8 @@ diffusers' configurations: every documented ``timestep_spacing`` (leading, linsp
 ``use_karras_sigmas`` where offered; each scheduler's best is reported per budget (an oracle choice
 in its favour). fewstep: each sampler with its packaged defaults and the spacing variants listed in
 ``FEWSTEP``, and ``sampler=learned`` (step weights fitted to the model, ``--learned`` grids; ``optimized``
-searches the grid first) fitted on *another* batch of noise than the one scored. Results go to a JSON
-file and a plot (``--out``).
+also searches the grid, refitting the weights to every grid it tries) fitted on *another* batch of
+noise than the one scored. Results go to a JSON file and a plot (``--out``).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from fewstep.config import sampler_config  # noqa: E402
 from fewstep.diffusion.sampling import OPTIMIZE_FROM, CountingDenoiser  # noqa: E402
 from fewstep.diffusion.schedules import LinearSchedule, Schedule  # noqa: E402
 from fewstep.samplers import SAMPLERS  # noqa: E402
-from fewstep.samplers.learned import fit_coefficients  # noqa: E402
+from fewstep.samplers.learned import fit_coefficients, fitted_sampler  # noqa: E402
 from fewstep.samplers.optimize import ld3_sigmas, optimize_sigmas  # noqa: E402
 from fewstep.samplers.spacing import t_to_sigma  # noqa: E402
 
@@ -213,10 +213,10 @@ def compare(
     for spacing in args.learned:
         label = f"learned ({spacing})"
         for nfe in nfes:
-            if spacing == "optimized":  # the grid searched for the unfitted rule, then the weights on it
+            if spacing == "optimized":  # the grid searched with the weights fitted to every trial, as the library does
                 starts = [schedule.sigmas(nfe, s, dtype=torch.float64) for s in ("karras", "logsnr", "quadratic")]
                 counting = CountingDenoiser(denoiser)
-                sigmas = optimize_sigmas(counting, fit_noise, starts, "learned")  # unfitted: DEIS, log sigma
+                sigmas = optimize_sigmas(counting, fit_noise, starts, fitted_sampler())
                 fit_calls += counting.calls
             else:
                 sigmas = schedule.sigmas(nfe, spacing, dtype=torch.float64)

@@ -361,6 +361,25 @@ def test_learned_sampler_fitted_once_per_checkpoint(tmp_path):
     assert len(calls) == 3 and torch.equal(first, second)  # read from the cache: only the 3 sampling calls
 
 
+def test_learned_optimized_grid_searched_with_the_fit_and_cached(tmp_path):
+    model = small_model()
+    fit(model, tmp_path, max_steps=4)
+    loaded = load_model(tmp_path / "ckpt" / "last.ckpt")
+    first = loaded.sample(2, "learned", steps=2, spacing="optimized", seed=0)
+    records = json.loads((tmp_path / "ckpt" / "last.optimized_sigmas.json").read_text())
+    grid, weights = records
+    assert grid["key"]["searched_for"] == "fitted weights" and grid["key"]["sampler"] == "learned"
+    # every trial grid was fitted (16 + 1 + 2 calls) and run (2): far more than the reference's 511
+    assert grid["cost"]["network_evaluations"] > 16 * (511 + 10 * (16 + 1 + 2 + 2))
+    assert weights["key"]["kind"] == "learned_coefficients" and weights["key"]["sigmas"] == grid["value"]
+    again = load_model(tmp_path / "ckpt" / "last.ckpt")  # a new process would start like this
+    calls: list[int] = []
+    net_forward = again.ema.module.forward
+    again.ema.module.forward = lambda *a, **k: calls.append(1) or net_forward(*a, **k)
+    second = again.sample(2, "learned", steps=2, spacing="optimized", seed=0)
+    assert len(calls) == 2 and torch.equal(first, second)  # grid and weights read from the cache
+
+
 def test_dynamic_threshold_option():
     model = small_model()
     out = model.sample(2, "ddim", steps=2, dynamic_threshold=0.9)

@@ -28,7 +28,7 @@ from fewstep.diffusion.guidance import ClassifierFreeGuidance
 from fewstep.diffusion.schedules import Schedule
 from fewstep.diffusion.thresholding import DynamicThreshold
 from fewstep.samplers import SPACINGS, SampleGenerators, get_sampler
-from fewstep.samplers.learned import fit_coefficients
+from fewstep.samplers.learned import fit_coefficients, fitted_sampler
 from fewstep.samplers.optimize import ld3_sigmas, load_or_compute, load_or_optimize, optimize_sigmas
 
 log = logging.getLogger(__name__)
@@ -139,9 +139,11 @@ def optimized_sigmas(
     spirit of Align Your Steps, Sabour et al. 2024; :func:`optimize_sigmas`), any deterministic
     sampler. ``spacing=ld3``: gradient descent through the sampler (LD3, Tong et al. 2025;
     :func:`ld3_sigmas`), half the batch to fit, half to pick the best grid; ``ddim``, ``dpmpp_2m``
-    and ``dpmpp_3m``.
+    and ``dpmpp_3m``. For ``sampler=learned`` (no weights given) the coordinate descent fits the
+    weights to every grid it tries (:func:`fewstep.samplers.learned.fitted_sampler`): the grid is
+    searched for the fitted sampler the user will run, at a fit's cost per trial.
 
-    Either costs hundreds to thousands of network calls, so with ``cache_path`` the grid is stored in
+    Either costs hundreds to thousands of network calls (the learned search tens of thousands), so with ``cache_path`` the grid is stored in
     that JSON file under ``cache_key`` (which must identify the weights) plus the sampler, its
     options, the steps and the shape, and computed once.
     """
@@ -150,6 +152,8 @@ def optimized_sigmas(
     starts = [schedule.sigmas(spec.steps, s, dtype=torch.float64, **spec.spacing_options) for s in OPTIMIZE_FROM]
 
     counter, cost = CountingDenoiser(spec.wrap(denoiser), batch=1), {}
+    # learned without given weights: search the grid for the weights fitted to it, not for the fixed rule
+    fitted = spec.name == "learned" and spec.options.get("coefficients") is None
 
     def compute() -> Tensor:
         generator = torch.Generator().manual_seed(0)
@@ -157,6 +161,9 @@ def optimized_sigmas(
         with costed(counter, cost, f"{spec.spacing} grid for {spec.name} at {spec.steps} steps"):
             if spec.spacing == LD3:
                 return ld3_sigmas(counter, noise, starts, spec.name, options=spec.options, log=log.info)
+            if fitted:
+                form, history = str(spec.options.get("form", "eps")), int(spec.options.get("history", 3))
+                return optimize_sigmas(counter, noise, starts, fitted_sampler(form=form, history=history))
             return optimize_sigmas(counter, noise, starts, spec.name, options=spec.options)
 
     if cache_path is None:
@@ -171,6 +178,7 @@ def optimized_sigmas(
         "shape": list(shape),
         "batch_size": batch_size,
         **({"spacing": LD3, "ld3": LD3_SETTINGS} if spec.spacing == LD3 else {}),  # optimized: the old keys
+        **({"searched_for": "fitted weights"} if fitted and spec.spacing != LD3 else {}),  # not the fixed rule's grid
     }
     return load_or_optimize(cache_path, key, compute, cost=cost)
 

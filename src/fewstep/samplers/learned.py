@@ -182,3 +182,30 @@ def fit_coefficients(
         coefficients.append((weights.tolist() + [0.0] * history)[:history])
         x = _step(form, x, s[i], s[i + 1], sum(float(w) * t for w, t in zip(weights, terms, strict=True)))
     return coefficients
+
+
+def fitted_sampler(*, form: str = "eps", history: int = 3, substeps: int = 16) -> Callable[..., Tensor]:
+    """``learned`` with its weights fitted (:func:`fit_coefficients`) to each grid it runs on, from the
+    noise it starts from (``x / sigmas[0]``): the sampler to tune a grid for (``spacing=optimized``,
+    :func:`~fewstep.samplers.optimize.optimize_sigmas`). A grid searched for the fixed rule is the
+    wrong target: the fitted weights correct other errors than the fixed rule makes, and on the
+    784-d benchmark mixture searching with the fit inside cut the held-out error at 5 and 10 steps
+    2.4x and 1.4x (docs/samplers.md). Each run costs a fit, ``substeps (steps - 1) + 1 + steps``
+    calls, plus the ``steps`` calls of the run itself."""
+    _check(form, history)
+
+    def run_fitted(
+        denoiser: Callable[..., Tensor],
+        x: Tensor,
+        sigmas: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        cond: dict | None = None,
+    ) -> Tensor:
+        noise = x / float(sigmas[0])
+        coefficients = fit_coefficients(
+            denoiser, noise, sigmas, form=form, history=history, substeps=substeps, cond=cond
+        )
+        return sample_learned(denoiser, x, sigmas, cond=cond, form=form, history=history, coefficients=coefficients)
+
+    return run_fitted

@@ -61,7 +61,7 @@ def optimize_sigmas(
     denoiser: Callable[..., Tensor],
     noise: Tensor,
     init: Tensor | Sequence[Tensor],
-    sampler: str,
+    sampler: str | Callable[..., Tensor],
     *,
     options: dict | None = None,
     cond: dict | None = None,
@@ -80,9 +80,11 @@ def optimize_sigmas(
     jumps to the denoiser output) no lower than the smallest last level of ``init``. ``reference``
     is the target to hit; by default Heun on a ``reference_steps`` Karras grid down to that level
     (2 * reference_steps - 1 calls). The sampler must be deterministic (a stochastic one has no
-    single solution to match). Returns the grid in float64.
+    single solution to match). ``sampler`` is a registered name or a function with the sampler
+    contract (e.g. :func:`fewstep.samplers.learned.fitted_sampler`, which fits its weights to every
+    grid it is run on). Returns the grid in float64.
     """
-    run = get_sampler(sampler)
+    run = get_sampler(sampler) if isinstance(sampler, str) else sampler
     options = dict(options or {})
     grids, first, floor = _start_grids(init, "optimize")
     x = noise * first
@@ -97,7 +99,8 @@ def optimize_sigmas(
     scored = sorted((loss(g[:-1].tolist()), i) for i, g in enumerate(grids))
     best, levels = scored[0][0], grids[scored[0][1]][:-1].tolist()
     if loss(levels, seed=1) != best:
-        raise ValueError(f"the optimized spacing needs a deterministic sampler; {sampler!r} with {options} is not")
+        name = sampler if isinstance(sampler, str) else getattr(sampler, "__name__", "this sampler")
+        raise ValueError(f"the optimized spacing needs a deterministic sampler; {name!r} with {options} is not")
     delta, sweep = 0.5, 0
     while sweep < max_sweeps and delta >= min_delta and len(levels) > 1:
         sweep += 1
