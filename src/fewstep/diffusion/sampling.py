@@ -143,9 +143,9 @@ def optimized_sigmas(
     weights to every grid it tries (:func:`fewstep.samplers.learned.fitted_sampler`): the grid is
     searched for the fitted sampler the user will run, at a fit's cost per trial.
 
-    Either costs hundreds to thousands of network calls (the learned search tens of thousands), so with ``cache_path`` the grid is stored in
-    that JSON file under ``cache_key`` (which must identify the weights) plus the sampler, its
-    options, the steps and the shape, and computed once.
+    Either costs hundreds to thousands of network calls (the learned search tens of thousands), so
+    with ``cache_path`` the grid is stored in that JSON file under ``cache_key`` (which must identify
+    the weights) plus the sampler, its options, the steps and the shape, and computed once.
     """
     if spec.spacing not in MODEL_SPACINGS:
         raise ValueError(f"spacing={spec.spacing} is not tuned to a model; use SamplerSpec.sigmas")
