@@ -352,10 +352,16 @@ def test_learned_sampler_fitted_once_per_checkpoint(tmp_path):
         return loaded
 
     first = counted(tmp_path / "ckpt" / "last.ckpt").sample(2, "learned", steps=3, seed=0)
-    assert len(calls) == 16 * 2 + 1 + 3 + 3  # fine solution, the fit's own 3 steps, then sampling
+    sequential = 16 * 2 + 1 + 3  # fine solution and the fit's own 3 steps
+    # then the joint refinement: 3 chunks of 16 of the 48 noises it fits go through 3 steps per L-BFGS
+    # evaluation, the 16 held-out ones through two solves; then sampling's 3 calls
+    refinement = len(calls) - sequential - 3
+    assert refinement >= 3 * 3 + 2 * 3 and (refinement - 2 * 3) % (3 * 3) == 0, len(calls)
     records = json.loads((tmp_path / "ckpt" / "last.optimized_sigmas.json").read_text())
     assert [r["key"]["kind"] for r in records] == ["learned_coefficients"] and len(records[0]["value"]) == 3
-    assert records[0]["cost"]["network_evaluations"] == 64 * (16 * 2 + 1 + 3)  # the fit's batch of 64 noises
+    assert records[0]["key"]["refine"] == 40  # weights from before the refinement would not be reused
+    # the cost counts images through the network: the 64 noises' sequential fit, the refinement's
+    assert records[0]["cost"]["network_evaluations"] == 64 * sequential + 16 * refinement
     calls.clear()
     second = counted(tmp_path / "ckpt" / "last.ckpt").sample(2, "learned", steps=3, seed=0)
     assert len(calls) == 3 and torch.equal(first, second)  # read from the cache: only the 3 sampling calls

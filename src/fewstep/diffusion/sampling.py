@@ -28,7 +28,7 @@ from fewstep.diffusion.guidance import ClassifierFreeGuidance
 from fewstep.diffusion.schedules import Schedule
 from fewstep.diffusion.thresholding import DynamicThreshold
 from fewstep.samplers import SPACINGS, SampleGenerators, get_sampler
-from fewstep.samplers.learned import fit_coefficients, fitted_sampler
+from fewstep.samplers.learned import REFINE_ITERATIONS, fit_coefficients, fitted_sampler
 from fewstep.samplers.optimize import ld3_sigmas, load_or_compute, load_or_optimize, optimize_sigmas
 
 log = logging.getLogger(__name__)
@@ -196,8 +196,9 @@ def learned_coefficients(
     cache_key: Mapping | None = None,
 ) -> list[list[float]]:
     """``sampler=learned``'s weights for this model and grid (:func:`fewstep.samplers.learned.fit_coefficients`,
-    on a fixed batch of ``batch_size`` noises), stored in the JSON file ``cache_path`` under
-    ``cache_key`` (which must identify the weights) plus the grid and options: computed once."""
+    the sequential fit refined jointly, on a fixed batch of ``batch_size`` noises), stored in the JSON
+    file ``cache_path`` under ``cache_key`` (which must identify the weights) plus the grid and
+    options: computed once."""
     history, form = int(spec.options.get("history", 3)), str(spec.options.get("form", "eps"))
     steps = len(sigmas) - 1
 
@@ -221,6 +222,7 @@ def learned_coefficients(
         "sigmas": [float(v) for v in sigmas.tolist()],
         "history": history,
         "form": form,
+        "refine": REFINE_ITERATIONS,  # weights fitted before the joint refinement are not reused
         "dynamic_threshold": spec.dynamic_threshold,
         "shape": list(shape),
         "batch_size": batch_size,
