@@ -25,7 +25,7 @@ the weights are learned per model and per grid, from the model's own trajectorie
    of a quarter of the batch it did not see.
 
 That is ``history`` numbers per step (30 at 10 steps). Steps 1-2 cost ``fine NFE + steps`` network
-calls on the fitting batch and no gradients, step 3 up to ``50 steps`` calls with their backward
+calls on the fitting batch and no gradients, step 3 about ``50 steps`` calls with their backward
 pass. The final step (to sigma = 0) is fitted to the fine solution's denoised end.
 """
 
