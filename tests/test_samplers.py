@@ -538,7 +538,7 @@ def test_joint_refinement_lowers_held_out_error_and_keeps_what_it_cannot_beat():
         def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
             return self.scale * mixture.denoiser(x, sigma)
 
-    net, x = Scaled(), fit_noise * 80.0
+    net, x = Scaled(), fit_noise * 80.0  # on the loop's last grid (8 steps) and its step-by-step weights
     trajectory = fine_trajectory(net, x, sigmas.tolist())
     few_steps = [refine_coefficients(net, x, sigmas, sequential, trajectory, iterations=5, chunk=c) for c in (7, 96)]
     torch.testing.assert_close(torch.tensor(few_steps[0]), torch.tensor(few_steps[1]), rtol=1e-9, atol=1e-12)
