@@ -210,16 +210,17 @@ def compare(
             results["fewstep"].setdefault(label, {})[nfe] = (calls, err if math.isfinite(err) else None)
     t2 = time.perf_counter()
     fit_calls = 0
-    for spacing in args.learned:
-        label = f"learned ({spacing})"
+    for grid_name in args.learned:
+        label = f"learned ({grid_name})"
+        spacing, spacing_options = learned_grid(grid_name)
         for nfe in nfes:
             if spacing == "optimized":  # the grid searched with the weights fitted to every trial, as the library does
                 starts = [schedule.sigmas(nfe, s, dtype=torch.float64) for s in ("karras", "logsnr", "quadratic")]
                 counting = CountingDenoiser(denoiser)
-                sigmas = optimize_sigmas(counting, fit_noise, starts, fitted_sampler())
+                sigmas = optimize_sigmas(counting, fit_noise[: args.search_n or None], starts, fitted_sampler())
                 fit_calls += counting.calls
             else:
-                sigmas = schedule.sigmas(nfe, spacing, dtype=torch.float64)
+                sigmas = schedule.sigmas(nfe, spacing, dtype=torch.float64, **spacing_options)
             counting = CountingDenoiser(denoiser)
             coefficients = fit_coefficients(counting, fit_noise, sigmas)
             fit_calls += counting.calls
@@ -250,6 +251,13 @@ def compare(
         f" {fit_calls} calls on {len(fit_noise)} other noises + runs, {time.perf_counter() - t2:.0f} s)"
     )
     out[case] = results
+
+
+def learned_grid(name: str) -> tuple[str, dict]:
+    """``--learned`` entries: a spacing, optionally with options, e.g. ``logsnr:sigma_min=0.05``."""
+    spacing, _, rest = name.partition(":")
+    options = dict(item.split("=", 1) for item in rest.split(",") if item)
+    return spacing, {k: float(v) for k, v in options.items()}
 
 
 def best(rows: dict, nfe: int) -> tuple[str, float]:
@@ -346,7 +354,7 @@ def checkpoint_case(path: str, args, out: dict) -> None:
         f"# {case}: reference dpmpp_3m, {args.reference_steps} log-SNR steps ({time.perf_counter() - t0:.0f} s"
         f" with the check); its distance to the {args.reference_steps // 2}-step solution: {rms(reference, coarse):.1e}"
     )
-    fit_noise = torch.randn((args.n, *shape), generator=torch.Generator().manual_seed(1))
+    fit_noise = torch.randn((args.fit_n or args.n, *shape), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         compare(case, denoiser, schedule, noise, reference, args.nfe, out, fit_noise, args)
 
@@ -362,7 +370,14 @@ def main() -> None:
     parser.add_argument("--reference-steps", type=int, default=400, help="fine steps of a network's reference")
     parser.add_argument("--nfe", type=int, nargs="+", default=list(NFES))
     parser.add_argument(
-        "--learned", nargs="*", default=["karras", "logsnr"], help="grids of the learned sampler (+ optimized)"
+        "--learned",
+        nargs="*",
+        default=["karras", "logsnr"],
+        help="grids of the learned sampler: spacings (logsnr:sigma_min=0.05 with options) or optimized",
+    )
+    parser.add_argument("--fit-n", type=int, default=0, help="noises to fit learned on, network cases (0: --n)")
+    parser.add_argument(
+        "--search-n", type=int, default=0, help="of those, how many the optimized search uses (0: all; library: 16)"
     )
     parser.add_argument(
         "--tuned", nargs="*", default=["dpmpp_2m"], help="samplers whose grid is tuned: optimized against ld3"
