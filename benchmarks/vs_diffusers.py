@@ -215,7 +215,10 @@ def compare(
         spacing, spacing_options = learned_grid(grid_name)
         for nfe in nfes:
             if spacing == "optimized":  # the grid searched with the weights fitted to every trial, as the library does
-                starts = [schedule.sigmas(nfe, s, dtype=torch.float64) for s in ("karras", "logsnr", "quadratic")]
+                starts = [
+                    schedule.sigmas(nfe, start, dtype=torch.float64, **start_options)
+                    for start, start_options in map(learned_grid, args.learned_starts)
+                ]
                 counting = CountingDenoiser(denoiser)
                 sigmas = optimize_sigmas(counting, fit_noise[: args.search_n or None], starts, fitted_sampler())
                 fit_calls += counting.calls
@@ -374,6 +377,12 @@ def main() -> None:
         nargs="*",
         default=["karras", "logsnr"],
         help="grids of the learned sampler: spacings (logsnr:sigma_min=0.05 with options) or optimized",
+    )
+    parser.add_argument(
+        "--learned-starts",
+        nargs="+",
+        default=list(OPTIMIZE_FROM),
+        help="grids the learned optimized search starts from (default: the library's)",
     )
     parser.add_argument("--fit-n", type=int, default=0, help="noises to fit learned on, network cases (0: --n)")
     parser.add_argument(
