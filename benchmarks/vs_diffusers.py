@@ -259,8 +259,11 @@ def compare(
 def learned_grid(name: str) -> tuple[str, dict]:
     """``--learned`` entries: a spacing, optionally with options, e.g. ``logsnr:sigma_min=0.05``."""
     spacing, _, rest = name.partition(":")
-    options = dict(item.split("=", 1) for item in rest.split(",") if item)
-    return spacing, {k: float(v) for k, v in options.items()}
+    try:
+        options = {k: float(v) for k, v in (item.split("=", 1) for item in rest.split(",") if item)}
+    except ValueError:
+        raise SystemExit(f"--learned {name!r}: write options as logsnr:sigma_min=0.05,sigma_max=80") from None
+    return spacing, options
 
 
 def best(rows: dict, nfe: int) -> tuple[str, float]:
