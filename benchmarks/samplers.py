@@ -175,7 +175,9 @@ def gaussian_mixture(args: argparse.Namespace, schedule: LinearSchedule) -> None
             steps, run_options = steps_for(name, target, options)
             if spacing == "optimized":  # searched from the best of three standard grids, on other noise
                 inits = [schedule.sigmas(steps, s, dtype=torch.float64) for s in ("karras", "logsnr", "quadratic")]
-                sigmas = optimize_sigmas(gmm.denoiser, opt_noise, inits, name, options=run_options, max_sweeps=8)
+                # the first level moves too, as in the library's search
+                search = {"options": run_options, "max_sweeps": 8, "move_start": True}
+                sigmas = optimize_sigmas(gmm.denoiser, opt_noise, inits, name, **search)
             else:
                 sigmas = schedule.sigmas(steps, spacing, dtype=torch.float64, **spacing_options)
             den = Counting(gmm.denoiser)

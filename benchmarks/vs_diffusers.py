@@ -9,9 +9,10 @@ Every diffusers scheduler gets the *same* function of (x_t, t) that fewstep's sa
 eps-prediction model: ``eps(x_vp, t) = (x - D(x, sigma)) / sigma`` with ``sigma = sigma(t)`` (log-linear
 in t between training steps, the rule both libraries use for fractional timesteps) and
 ``x = x_vp sqrt(1 + sigma^2)``, and the training betas themselves (``trained_betas``), so both solve the
-one probability-flow ODE of D. Every run starts from the same point, ``x = noise * sigma_max`` at the
-noisiest training level (a VP scheduler gets ``x / sqrt(1 + sigma_max^2)``), and every network call is
-counted (PNDM/PLMS spends one more than its steps; Heun two per step but the last).
+one probability-flow ODE of D. Every run starts from the same noise, ``x = noise * sigma_max`` at the
+noisiest training level (a VP scheduler gets ``x / sqrt(1 + sigma_max^2)``; diffusers' "leading" grids
+and fewstep's optimized ones may start lower, from that noise scaled to their first level), and every
+network call is counted (PNDM/PLMS spends one more than its steps; Heun two per step but the last).
 
 Error: RMS over all pixels (data units) of the distance to a converged solution of the same ODE:
 for the mixture, scipy's DOP853 at rtol 1e-11 (its distance to the rtol 1e-8 solution is printed);
@@ -30,6 +31,7 @@ noise than the one scored. Results go to a JSON file and a plot (``--out``).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -220,7 +222,8 @@ def compare(
                     for start, start_options in map(learned_grid, args.learned_starts)
                 ]
                 counting = CountingDenoiser(denoiser)
-                sigmas = optimize_sigmas(counting, fit_noise[: args.search_n or None], starts, fitted_sampler())
+                search_noise = fit_noise[: args.search_n or None]
+                sigmas = optimize_sigmas(counting, search_noise, starts, fitted_sampler(), move_start=args.move_start)
                 fit_calls += counting.calls
             else:
                 sigmas = schedule.sigmas(nfe, spacing, dtype=torch.float64, **spacing_options)
@@ -234,7 +237,8 @@ def compare(
             results["fewstep"].setdefault(label, {})[nfe] = (counting.calls, err if math.isfinite(err) else None)
     t3 = time.perf_counter()
     for name in args.tuned:  # grids tuned to the model: coordinate descent (optimized) against LD3
-        for method, tune in (("optimized", optimize_sigmas), ("ld3", ld3_sigmas)):
+        coordinate_descent = functools.partial(optimize_sigmas, move_start=args.move_start)
+        for method, tune in (("optimized", coordinate_descent), ("ld3", ld3_sigmas)):
             if method not in args.tune_methods:
                 continue
             for nfe in args.tuned_nfe:
@@ -398,6 +402,12 @@ def main() -> None:
         "--tune-methods", nargs="+", choices=["optimized", "ld3"], default=["optimized", "ld3"], help="grid tuners"
     )
     parser.add_argument("--tuned-nfe", type=int, nargs="+", default=[5, 10], help="budgets of the tuned grids")
+    parser.add_argument(
+        "--fixed-start",
+        dest="move_start",
+        action="store_false",
+        help="optimized searches keep the schedule's top level (the library lets it move)",
+    )
     parser.add_argument("--no-diffusers", dest="diffusers", action="store_false", help="skip diffusers' schedulers")
     parser.add_argument("--no-fixed", dest="fixed", action="store_false", help="skip fewstep's fixed-grid samplers")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

@@ -369,6 +369,22 @@ def test_optimized_grid_beats_karras_on_held_out_noise(gmm):
         assert errors[1] < 0.8 * errors[0], f"{name}: optimized {errors[1]:.3g} vs karras {errors[0]:.3g}"
 
 
+def test_optimized_start_level_moves_and_beats_the_fixed_start(gmm):
+    # move_start: the search may lower the first level (the noise scaled to it, as diffusers' "leading"
+    # spacing starts), scored against the ODE solution from init[0]
+    g = torch.Generator().manual_seed(5)
+    train, test = (torch.randn(n, 4, generator=g, dtype=torch.float64) for n in (128, 512))
+    sigma_max, sigma_min = 80.0, 0.002
+    reference = ode_reference(gmm, test * sigma_max, sigma_max, sigma_min)
+    for steps in (3, 5):
+        init = karras_grid(steps, sigma_max, sigma_min)
+        fixed = optimize_sigmas(gmm.denoiser, train, init, "deis")
+        moved = optimize_sigmas(gmm.denoiser, train, init, "deis", move_start=True)
+        assert moved[0] < init[0] and bool((moved[:-1] > moved[1:]).all()) and moved[-2] >= sigma_min
+        errors = [rms(SAMPLERS["deis"](gmm.denoiser, test * s[0], s), reference) for s in (fixed, moved)]
+        assert errors[1] < 0.9 * errors[0], (steps, errors)
+
+
 @pytest.mark.parametrize("name", LD3_SAMPLERS)
 def test_ld3_solver_is_the_registered_sampler(gmm, ode_problem, name):
     # LD3 differentiates a copy of the step rule; it must be the same rule as the sampler's

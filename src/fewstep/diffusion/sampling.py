@@ -137,7 +137,10 @@ def optimized_sigmas(
     solution for this model, from the best of the Karras, log-SNR, quadratic and trailing grids on a fixed
     batch of ``batch_size`` noises. ``spacing=optimized``: coordinate descent on the levels (in the
     spirit of Align Your Steps, Sabour et al. 2024; :func:`optimize_sigmas`), any deterministic
-    sampler. ``spacing=ld3``: gradient descent through the sampler (LD3, Tong et al. 2025;
+    sampler; its first level moves too (``move_start``: the sampler starts from the noise scaled to
+    it, as diffusers' "leading" spacing does, scored against the solution from the schedule's top:
+    at 5-10 calls a call spent at the top, where the state is nearly pure noise, can buy more
+    accuracy lower down). ``spacing=ld3``: gradient descent through the sampler (LD3, Tong et al. 2025;
     :func:`ld3_sigmas`), half the batch to fit, half to pick the best grid; ``ddim``, ``dpmpp_2m``
     and ``dpmpp_3m``. For ``sampler=learned`` (no weights given) the coordinate descent fits the
     weights to every grid it tries (:func:`fewstep.samplers.learned.fitted_sampler`): the grid is
@@ -163,8 +166,9 @@ def optimized_sigmas(
                 return ld3_sigmas(counter, noise, starts, spec.name, options=spec.options, log=log.info)
             if fitted:
                 form, history = str(spec.options.get("form", "eps")), int(spec.options.get("history", 3))
-                return optimize_sigmas(counter, noise, starts, fitted_sampler(form=form, history=history))
-            return optimize_sigmas(counter, noise, starts, spec.name, options=spec.options)
+                sampler = fitted_sampler(form=form, history=history)
+                return optimize_sigmas(counter, noise, starts, sampler, move_start=True)
+            return optimize_sigmas(counter, noise, starts, spec.name, options=spec.options, move_start=True)
 
     if cache_path is None:
         return compute()
@@ -177,7 +181,7 @@ def optimized_sigmas(
         "spacing_options": spec.spacing_options,
         "shape": list(shape),
         "batch_size": batch_size,
-        **({"spacing": LD3, "ld3": LD3_SETTINGS} if spec.spacing == LD3 else {}),  # optimized: the old keys
+        **({"spacing": LD3, "ld3": LD3_SETTINGS} if spec.spacing == LD3 else {"start": "searched"}),
         **({"searched_for": "fitted weights"} if fitted and spec.spacing != LD3 else {}),  # not the fixed rule's grid
     }
     return load_or_optimize(cache_path, key, compute, cost=cost)

@@ -4,7 +4,8 @@ In the spirit of Align Your Steps (Sabour et al. 2024), which moves the few grid
 sampler to where they help a given model most. AYS minimises a KL upper bound by stochastic
 search; here the objective is direct and deterministic: the RMS distance between the sampler's
 result on the grid and a fine-step reference solution of the same PF-ODE (same starting noise,
-a small batch), minimised by coordinate descent on ``log sigma`` of every level but the first.
+a small batch), minimised by coordinate descent on ``log sigma`` of every level but the first
+(and of the first too with ``move_start``: the sampler may start lower, from the scaled noise).
 
 Each trial moves one level a fraction ``delta`` of the way towards a neighbour, so the grid stays
 strictly decreasing without constraints; ``delta`` halves after a sweep without gain. Searching
@@ -69,6 +70,7 @@ def optimize_sigmas(
     reference_steps: int = 256,
     max_sweeps: int = 16,
     min_delta: float = 1 / 64,
+    move_start: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> Tensor:
     """Tune the grid ``init`` (``steps + 1`` noise levels ending in 0, e.g. a Karras grid) for
@@ -76,13 +78,20 @@ def optimize_sigmas(
     model's sample shape). ``init`` may be a list of such grids (say Karras, log-SNR and quadratic):
     the search starts from the best, as it only finds a local optimum.
 
-    ``init[0]`` stays fixed; every other positive level moves, the last one (where the sampler
-    jumps to the denoiser output) no lower than the smallest last level of ``init``. ``reference``
-    is the target to hit; by default Heun on a ``reference_steps`` Karras grid down to that level
-    (2 * reference_steps - 1 calls). The sampler must be deterministic (a stochastic one has no
-    single solution to match). ``sampler`` is a registered name or a function with the sampler
-    contract (e.g. :func:`fewstep.samplers.learned.fitted_sampler`, which fits its weights to every
-    grid it is run on). Returns the grid in float64.
+    Every positive level but ``init[0]`` moves, the last one (where the sampler jumps to the
+    denoiser output) no lower than the smallest last level of ``init``. With ``move_start`` the first
+    level moves too, never above ``init[0]``: the sampler then starts from ``noise`` scaled to it (what
+    diffusers' "leading" spacing does), while the target stays the solution from ``noise * init[0]``.
+    The flow contracts that start's error, and a call saved at the top, where the state is nearly pure
+    noise, buys accuracy lower down: on the ``make train`` model at 5 calls DEIS's searched grid
+    then starts at sigma 63 instead of 157 and its error on 64 other noises drops from 0.180 to
+    0.119.
+
+    ``reference`` is the target to hit; by default Heun on a ``reference_steps`` Karras grid from
+    ``init[0]`` down to that smallest last level (2 * reference_steps - 1 calls). The sampler must
+    be deterministic (a stochastic one has no single solution to match). ``sampler`` is a registered
+    name or a function with the sampler contract (e.g. :func:`fewstep.samplers.learned.fitted_sampler`,
+    which fits its weights to every grid it is run on). Returns the grid in float64.
     """
     run = get_sampler(sampler) if isinstance(sampler, str) else sampler
     options = dict(options or {})
@@ -93,7 +102,9 @@ def optimize_sigmas(
 
     def loss(levels: list[float], seed: int = 0) -> float:
         grid = torch.tensor([*levels, 0.0], dtype=torch.float64)
-        out = run(denoiser, x, grid, generator=torch.Generator(x.device).manual_seed(seed), cond=cond, **options)
+        # a lowered start: the noise scaled to it, the reference still from init[0]
+        start = x if levels[0] == first else noise * levels[0]
+        out = run(denoiser, start, grid, generator=torch.Generator(x.device).manual_seed(seed), cond=cond, **options)
         return float((out - reference).double().pow(2).flatten(1).sum(1).mean().sqrt())
 
     scored = sorted((loss(g[:-1].tolist()), i) for i, g in enumerate(grids))
@@ -105,9 +116,10 @@ def optimize_sigmas(
     while sweep < max_sweeps and delta >= min_delta and len(levels) > 1:
         sweep += 1
         improved = False
-        for k in range(1, len(levels)):
+        for k in range(0 if move_start else 1, len(levels)):
             # a fraction delta of the way (in log sigma) towards the level above or below
-            for target in (levels[k - 1], levels[k + 1] if k + 1 < len(levels) else floor):
+            above = levels[k - 1] if k > 0 else first
+            for target in (above, levels[k + 1] if k + 1 < len(levels) else floor):
                 if target == levels[k]:
                     continue
                 trial = [*levels]
