@@ -15,7 +15,7 @@ import yaml
 from gmm import GaussianMixture, ode_reference
 
 from fewstep.diffusion.sampling import CountingDenoiser as Counting
-from fewstep.diffusion.sampling import SamplerSpec, auto_config
+from fewstep.diffusion.sampling import SamplerSpec, auto_config, optimized_sigmas
 from fewstep.diffusion.schedules import LinearSchedule
 from fewstep.diffusion.thresholding import DynamicThreshold, dynamic_threshold
 from fewstep.samplers import SAMPLERS, get_sampler, make_sigmas
@@ -383,6 +383,13 @@ def test_optimized_start_level_moves_and_beats_the_fixed_start(gmm):
         assert moved[0] < init[0] and bool((moved[:-1] > moved[1:]).all()) and moved[-2] >= sigma_min
         errors = [rms(SAMPLERS["deis"](gmm.denoiser, test * s[0], s), reference) for s in (fixed, moved)]
         assert errors[1] < 0.9 * errors[0], (steps, errors)
+
+
+def test_optimized_spacing_searches_the_start_level(gmm):
+    # what sampler.spacing=optimized runs: its grid may start below the schedule's top (157 here)
+    spec = SamplerSpec.from_config({"name": "deis", "steps": 4, "spacing": "optimized"})
+    grid = optimized_sigmas(gmm.denoiser, SCHEDULE, spec, (4,), batch_size=32)
+    assert grid[0] < SCHEDULE.sigma_max and bool((grid[:-1] > grid[1:]).all()) and grid[-1] == 0
 
 
 @pytest.mark.parametrize("name", LD3_SAMPLERS)
