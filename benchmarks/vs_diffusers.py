@@ -223,12 +223,13 @@ def compare(
                 ]
                 counting = CountingDenoiser(denoiser)
                 search_noise = fit_noise[: args.search_n or None]
-                sigmas = optimize_sigmas(counting, search_noise, starts, fitted_sampler(), move_start=args.move_start)
+                fitted = fitted_sampler(start_sigma=float(starts[0][0]))
+                sigmas = optimize_sigmas(counting, search_noise, starts, fitted, move_start=args.move_start)
                 fit_calls += counting.calls
             else:
                 sigmas = schedule.sigmas(nfe, spacing, dtype=torch.float64, **spacing_options)
             counting = CountingDenoiser(denoiser)
-            coefficients = fit_coefficients(counting, fit_noise, sigmas)
+            coefficients = fit_coefficients(counting, fit_noise, sigmas, start_sigma=sigma_max)  # the reference's start
             fit_calls += counting.calls
             counting = CountingDenoiser(denoiser)
             grid = sigmas.to(noise.dtype)

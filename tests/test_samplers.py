@@ -536,6 +536,26 @@ def test_grid_searched_with_the_fit_beats_the_fixed_rules_grid():
         assert errors[1] < limit * errors[0], (steps, errors)
 
 
+def test_learned_weights_on_a_lowered_start_aim_at_the_solution_from_the_top():
+    """A searched grid may start below the top (the noise scaled to its first level). Its weights are
+    fitted with ``start_sigma`` = the top: the fit's targets are then the ODE solution from the top,
+    which the grid is scored against, not the solution from the grid's own start; the fitted sampler
+    of the grid search passes it on."""
+    mixture = GaussianMixture.random(dim=16, components=4, seed=1, spread=0.5)
+    noise = torch.randn(32, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sigmas = karras_grid(5, sigma_max=10.0)
+    exact = ode_reference(mixture, noise * 80.0, 80.0, float(sigmas[-2]))  # from the top, denoised at the end
+    from_top = fine_trajectory(mixture.denoiser, noise * 80.0, sigmas.tolist(), start_sigma=80.0)
+    from_start = fine_trajectory(mixture.denoiser, noise * 10.0, sigmas.tolist())
+    assert len(from_top) == len(from_start) == 6  # the 5 positive levels, then the denoised end
+    torch.testing.assert_close(from_top[-1], exact, atol=1e-3, rtol=0)
+    assert rms(from_start[-1], exact) > 0.05  # 0.099: a different solution: fitting to it aims elsewhere
+    weights = fit_coefficients(mixture.denoiser, noise, sigmas, start_sigma=80.0, refine=0)
+    assert weights != fit_coefficients(mixture.denoiser, noise, sigmas, refine=0)
+    out = fitted_sampler(start_sigma=80.0)(mixture.denoiser, noise * 10.0, sigmas)
+    torch.testing.assert_close(out, SAMPLERS["learned"](mixture.denoiser, noise * 10.0, sigmas, coefficients=weights))
+
+
 def test_joint_refinement_lowers_held_out_error_and_keeps_what_it_cannot_beat():
     """``fit_coefficients`` refines the sequential fit on the end error (L-BFGS through the solve): on
     held-out noise that lowers the error; it keeps the sequential weights when they do better on the

@@ -166,7 +166,7 @@ def optimized_sigmas(
                 return ld3_sigmas(counter, noise, starts, spec.name, options=spec.options, log=log.info)
             if fitted:
                 form, history = str(spec.options.get("form", "eps")), int(spec.options.get("history", 3))
-                sampler = fitted_sampler(form=form, history=history)
+                sampler = fitted_sampler(form=form, history=history, start_sigma=float(starts[0][0]))
                 return optimize_sigmas(counter, noise, starts, sampler, move_start=True)
             return optimize_sigmas(counter, noise, starts, spec.name, options=spec.options, move_start=True)
 
@@ -182,7 +182,8 @@ def optimized_sigmas(
         "shape": list(shape),
         "batch_size": batch_size,
         **({"spacing": LD3, "ld3": LD3_SETTINGS} if spec.spacing == LD3 else {"start": "searched"}),
-        **({"searched_for": "fitted weights"} if fitted and spec.spacing != LD3 else {}),  # not the fixed rule's grid
+        # not the fixed rule's grid, and weights fitted to the solution from the top (not from a lowered start)
+        **({"searched_for": "weights fitted from the top"} if fitted and spec.spacing != LD3 else {}),
     }
     return load_or_optimize(cache_path, key, compute, cost=cost)
 
@@ -196,13 +197,15 @@ def learned_coefficients(
     device: torch.device | str = "cpu",
     batch_size: int = 64,
     cond: Mapping | None = None,
+    start_sigma: float | None = None,
     cache_path: str | Path | None = None,
     cache_key: Mapping | None = None,
 ) -> list[list[float]]:
     """``sampler=learned``'s weights for this model and grid (:func:`fewstep.samplers.learned.fit_coefficients`,
     the sequential fit refined jointly, on a fixed batch of ``batch_size`` noises), stored in the JSON
     file ``cache_path`` under ``cache_key`` (which must identify the weights) plus the grid and
-    options: computed once."""
+    options: computed once. ``start_sigma``: the level the solution to match starts from, for a
+    searched grid whose first level moved below the top (:func:`optimized_sigmas`)."""
     history, form = int(spec.options.get("history", 3)), str(spec.options.get("form", "eps"))
     steps = len(sigmas) - 1
 
@@ -212,7 +215,9 @@ def learned_coefficients(
         noise = torch.randn((batch_size, *shape), generator=torch.Generator().manual_seed(0)).to(device)
         batch_cond = {k: v[:batch_size] for k, v in (cond or {}).items()}
         with costed(counter, cost, f"learned weights for {steps} steps"):
-            return fit_coefficients(counter, noise, sigmas, form=form, history=history, cond=batch_cond)
+            return fit_coefficients(
+                counter, noise, sigmas, form=form, history=history, cond=batch_cond, start_sigma=start_sigma
+            )
 
     if cache_path is None:
         return compute()
@@ -224,6 +229,7 @@ def learned_coefficients(
         **dict(cache_key or {}),
         "kind": "learned_coefficients",
         "sigmas": [float(v) for v in sigmas.tolist()],
+        **({"start_sigma": float(start_sigma)} if start_sigma is not None else {}),
         "history": history,
         "form": form,
         "refine": REFINE_ITERATIONS,  # weights fitted before the joint refinement are not reused

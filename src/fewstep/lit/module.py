@@ -25,6 +25,7 @@ from fewstep.config import sampler_config
 from fewstep.diffusion import Denoiser, Parameterisation, make_schedule
 from fewstep.diffusion.sampling import (
     MODEL_SPACINGS,
+    OPTIMIZE_FROM,
     Guidance,
     SampleResult,
     SamplerSpec,
@@ -654,7 +655,13 @@ class DiffusionModel(L.LightningModule):
             sigmas = self.optimized_sigmas(spec, use_ema) if spec.spacing in MODEL_SPACINGS else None
             if spec.name == "learned" and spec.options.get("coefficients") is None:
                 grid = sigmas if sigmas is not None else spec.sigmas(self.schedule)
-                coefficients = self.learned_coefficients(spec, grid, use_ema)
+                # a searched grid may start below the top: its weights aim at the solution from the top
+                top = (
+                    self.schedule.sigmas(spec.steps, OPTIMIZE_FROM[0], **spec.spacing_options)[0]
+                    if sigmas is not None
+                    else None
+                )
+                coefficients = self.learned_coefficients(spec, grid, use_ema, start_sigma=top)
                 spec = dataclasses.replace(spec, options={**spec.options, "coefficients": coefficients})
             for result in iter_generate(
                 self.denoiser(use_ema),
@@ -699,16 +706,21 @@ class DiffusionModel(L.LightningModule):
         result = collect(self.sample_batches(num_samples, sampler, steps, spacing, **kwargs), progress)
         return result if return_result else result.images
 
-    def learned_coefficients(self, spec: SamplerSpec, sigmas: Tensor, use_ema: bool = True) -> list[list[float]]:
+    def learned_coefficients(
+        self, spec: SamplerSpec, sigmas: Tensor, use_ema: bool = True, start_sigma: float | Tensor | None = None
+    ) -> list[list[float]]:
         """``sampler=learned``'s weights for this model and grid, fitted on unconditional (null-condition)
-        trajectories: cached beside the checkpoint (keyed by the file's hash), or in memory for the
-        current training step."""
+        trajectories (from ``noise * start_sigma`` when given, else from the grid's first level): cached
+        beside the checkpoint (keyed by the file's hash), or in memory for the current training step."""
+        start_sigma = None if start_sigma is None else float(start_sigma)
         shape = (self.hparams.channels, self.hparams.image_size, self.hparams.image_size)
         key = {
             "weights": self.checkpoint_id or f"step-{self.global_step}",
             "ema": bool(use_ema and self.ema is not None),
         }
-        memo = json.dumps([key, "learned", sigmas.tolist(), spec.options, spec.dynamic_threshold], default=str)
+        memo = json.dumps(
+            [key, "learned", sigmas.tolist(), start_sigma, spec.options, spec.dynamic_threshold], default=str
+        )
         if memo not in self._optimized:
             if len(self._optimized) > 32:
                 self._optimized.clear()
@@ -719,6 +731,7 @@ class DiffusionModel(L.LightningModule):
                 shape,
                 device=self.device,
                 cond=self.condition(64, use_ema=use_ema),
+                start_sigma=start_sigma,
                 cache_path=self.sigmas_cache if self.checkpoint_id else None,
                 cache_key=key,
             )
