@@ -392,6 +392,23 @@ def test_optimized_spacing_searches_the_start_level(gmm):
     assert grid[0] < 0.5 * SCHEDULE.sigma_max and bool((grid[:-1] > grid[1:]).all()) and grid[-1] == 0
 
 
+def test_learned_search_fits_its_trials_to_the_solution_from_the_top(gmm, monkeypatch):
+    # spacing=optimized for learned: the trial grids may start lower, their weights must still aim at
+    # the solution the search scores against, the one from the schedule's top
+    from fewstep.diffusion import sampling
+
+    passed: list[float | None] = []
+
+    def spy(**options):
+        passed.append(options.get("start_sigma"))
+        return fitted_sampler(**options)
+
+    monkeypatch.setattr(sampling, "fitted_sampler", spy)
+    spec = SamplerSpec.from_config({"name": "learned", "steps": 2, "spacing": "optimized"})
+    grid = optimized_sigmas(gmm.denoiser, SCHEDULE, spec, (4,), batch_size=8)
+    assert passed == [pytest.approx(SCHEDULE.sigma_max)] and grid[0] <= SCHEDULE.sigma_max
+
+
 @pytest.mark.parametrize("name", LD3_SAMPLERS)
 def test_ld3_solver_is_the_registered_sampler(gmm, ode_problem, name):
     # LD3 differentiates a copy of the step rule; it must be the same rule as the sampler's

@@ -122,6 +122,12 @@ def sampler_options(sampler: Callable[..., Tensor]) -> list[str]:
     return [p for p in inspect.signature(sampler).parameters if p not in contract]
 
 
+def search_top(schedule: Schedule, spec: SamplerSpec) -> float:
+    """The level a model spacing's search scores against, the first of the grids it starts from: a
+    searched grid may start below it, and ``learned``'s weights still aim at the solution from it."""
+    return float(schedule.sigmas(spec.steps, OPTIMIZE_FROM[0], dtype=torch.float64, **spec.spacing_options)[0])
+
+
 def optimized_sigmas(
     denoiser: Callable[..., Tensor],
     schedule: Schedule,
@@ -166,7 +172,7 @@ def optimized_sigmas(
                 return ld3_sigmas(counter, noise, starts, spec.name, options=spec.options, log=log.info)
             if fitted:
                 form, history = str(spec.options.get("form", "eps")), int(spec.options.get("history", 3))
-                sampler = fitted_sampler(form=form, history=history, start_sigma=float(starts[0][0]))
+                sampler = fitted_sampler(form=form, history=history, start_sigma=search_top(schedule, spec))
                 return optimize_sigmas(counter, noise, starts, sampler, move_start=True)
             return optimize_sigmas(counter, noise, starts, spec.name, options=spec.options, move_start=True)
 

@@ -25,7 +25,6 @@ from fewstep.config import sampler_config
 from fewstep.diffusion import Denoiser, Parameterisation, make_schedule
 from fewstep.diffusion.sampling import (
     MODEL_SPACINGS,
-    OPTIMIZE_FROM,
     Guidance,
     SampleResult,
     SamplerSpec,
@@ -33,6 +32,7 @@ from fewstep.diffusion.sampling import (
     iter_generate,
     learned_coefficients,
     optimized_sigmas,
+    search_top,
 )
 from fewstep.distill.training import Distiller, check_distillation
 
@@ -656,11 +656,7 @@ class DiffusionModel(L.LightningModule):
             if spec.name == "learned" and spec.options.get("coefficients") is None:
                 grid = sigmas if sigmas is not None else spec.sigmas(self.schedule)
                 # a searched grid may start below the top: its weights aim at the solution from the top
-                top = (
-                    self.schedule.sigmas(spec.steps, OPTIMIZE_FROM[0], **spec.spacing_options)[0]
-                    if sigmas is not None
-                    else None
-                )
+                top = search_top(self.schedule, spec) if sigmas is not None else None
                 coefficients = self.learned_coefficients(spec, grid, use_ema, start_sigma=top)
                 spec = dataclasses.replace(spec, options={**spec.options, "coefficients": coefficients})
             for result in iter_generate(
@@ -707,12 +703,11 @@ class DiffusionModel(L.LightningModule):
         return result if return_result else result.images
 
     def learned_coefficients(
-        self, spec: SamplerSpec, sigmas: Tensor, use_ema: bool = True, start_sigma: float | Tensor | None = None
+        self, spec: SamplerSpec, sigmas: Tensor, use_ema: bool = True, start_sigma: float | None = None
     ) -> list[list[float]]:
         """``sampler=learned``'s weights for this model and grid, fitted on unconditional (null-condition)
         trajectories (from ``noise * start_sigma`` when given, else from the grid's first level): cached
         beside the checkpoint (keyed by the file's hash), or in memory for the current training step."""
-        start_sigma = None if start_sigma is None else float(start_sigma)
         shape = (self.hparams.channels, self.hparams.image_size, self.hparams.image_size)
         key = {
             "weights": self.checkpoint_id or f"step-{self.global_step}",
