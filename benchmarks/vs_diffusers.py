@@ -223,13 +223,15 @@ def compare(
                 ]
                 counting = CountingDenoiser(denoiser)
                 search_noise = fit_noise[: args.search_n or None]
-                fitted = fitted_sampler(start_sigma=float(starts[0][0]))
+                fitted = fitted_sampler(start_sigma=float(starts[0][0]), end_sigma=schedule.sigma_min)
                 sigmas = optimize_sigmas(counting, search_noise, starts, fitted, move_start=args.move_start)
                 fit_calls += counting.calls
             else:
                 sigmas = schedule.sigmas(nfe, spacing, dtype=torch.float64, **spacing_options)
             counting = CountingDenoiser(denoiser)
-            coefficients = fit_coefficients(counting, fit_noise, sigmas, start_sigma=sigma_max)  # the reference's start
+            # the reference's start and end (the ODE down to the schedule's smallest level, not the denoised last one)
+            end = schedule.sigma_min
+            coefficients = fit_coefficients(counting, fit_noise, sigmas, start_sigma=sigma_max, end_sigma=end)
             fit_calls += counting.calls
             counting = CountingDenoiser(denoiser)
             grid = sigmas.to(noise.dtype)

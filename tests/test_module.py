@@ -374,12 +374,14 @@ def test_learned_optimized_grid_searched_with_the_fit_and_cached(tmp_path):
     first = loaded.sample(2, "learned", steps=2, spacing="optimized", seed=0)
     records = json.loads((tmp_path / "ckpt" / "last.optimized_sigmas.json").read_text())
     grid, weights = records
-    assert grid["key"]["searched_for"] == "weights fitted from the top" and grid["key"]["sampler"] == "learned"
+    assert grid["key"]["sampler"] == "learned"
+    assert grid["key"]["searched_for"] == "weights fitted from the top to the end"
     # every trial grid was fitted (16 + 1 + 2 calls) and run (2): far more than the reference's 511
     assert grid["cost"]["network_evaluations"] > 16 * (511 + 10 * (16 + 1 + 2 + 2))
     assert weights["key"]["kind"] == "learned_coefficients" and weights["key"]["sigmas"] == grid["value"]
     # the grid may start below the top; its weights aim at the solution from the top all the same
     assert weights["key"]["start_sigma"] == pytest.approx(loaded.schedule.sigma_max)
+    assert weights["key"]["end_sigma"] == pytest.approx(loaded.schedule.sigma_min)
     again = load_model(tmp_path / "ckpt" / "last.ckpt")  # a new process would start like this
     calls: list[int] = []
     net_forward = again.ema.module.forward

@@ -3,6 +3,7 @@ solution and the sample distribution are known (tests/gmm.py)."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import math
@@ -392,21 +393,22 @@ def test_optimized_spacing_searches_the_start_level(gmm):
     assert grid[0] < 0.5 * SCHEDULE.sigma_max and bool((grid[:-1] > grid[1:]).all()) and grid[-1] == 0
 
 
-def test_learned_search_fits_its_trials_to_the_solution_from_the_top(gmm, monkeypatch):
-    # spacing=optimized for learned: the trial grids may start lower, their weights must still aim at
-    # the solution the search scores against, the one from the schedule's top
+def test_learned_search_fits_its_trials_to_the_solution_from_the_top_to_the_end(gmm, monkeypatch):
+    # spacing=optimized for learned: the trial grids may start lower and end with a higher final jump,
+    # their weights must still aim at the solution the search scores against, the one from the
+    # schedule's top down to its smallest level
     from fewstep.diffusion import sampling
 
-    passed: list[float | None] = []
+    passed: list[tuple] = []
 
     def spy(**options):
-        passed.append(options.get("start_sigma"))
+        passed.append((options.get("start_sigma"), options.get("end_sigma")))
         return fitted_sampler(**options)
 
     monkeypatch.setattr(sampling, "fitted_sampler", spy)
     spec = SamplerSpec.from_config({"name": "learned", "steps": 2, "spacing": "optimized"})
     grid = optimized_sigmas(gmm.denoiser, SCHEDULE, spec, (4,), batch_size=8)
-    assert passed == [pytest.approx(SCHEDULE.sigma_max)] and grid[0] <= SCHEDULE.sigma_max
+    assert passed == [(pytest.approx(SCHEDULE.sigma_max), SCHEDULE.sigma_min)] and grid[0] <= SCHEDULE.sigma_max
 
 
 @pytest.mark.parametrize("name", LD3_SAMPLERS)
@@ -571,6 +573,32 @@ def test_learned_weights_on_a_lowered_start_aim_at_the_solution_from_the_top():
     assert weights != fit_coefficients(mixture.denoiser, noise, sigmas, refine=0)
     out = fitted_sampler(start_sigma=80.0)(mixture.denoiser, noise * 10.0, sigmas)
     torch.testing.assert_close(out, SAMPLERS["learned"](mixture.denoiser, noise * 10.0, sigmas, coefficients=weights))
+
+
+def test_learned_weights_aim_at_the_end_of_the_ode_not_the_denoised_last_level():
+    """A trailing or searched grid's last positive level can be high (~0.5 on the networks), and the
+    denoiser's output there is a blurred mean, not where the ODE ends. With ``end_sigma`` (the library
+    passes the schedule's smallest level) the fit's end target is the ODE solution continued down to
+    it, then denoised; the states along the way are unchanged, the fitted sampler of the grid search
+    passes the option on, and on held-out noise the weights so fitted end closer to the ODE's end."""
+    mixture = GaussianMixture.random(dim=16, components=4, seed=1, spread=0.5)
+    noise, held_out = (torch.randn(64, 16, generator=torch.Generator().manual_seed(k)).double() for k in (0, 1))
+    sigmas = torch.tensor([80.0, 10.0, 3.0, 1.0, 0.0], dtype=torch.float64)  # the final jump from sigma 1
+    exact = ode_reference(mixture, noise * 80.0, 80.0, 0.002)
+    to_end = fine_trajectory(mixture.denoiser, noise * 80.0, sigmas.tolist(), end_sigma=0.002)
+    at_level = fine_trajectory(mixture.denoiser, noise * 80.0, sigmas.tolist())
+    assert len(to_end) == len(at_level) == 5  # the 4 positive levels, then the end
+    torch.testing.assert_close(to_end[:-1], at_level[:-1])
+    assert rms(to_end[-1], exact) < 5e-3  # 2.6e-3
+    assert rms(at_level[-1], exact) > 0.2  # 0.28
+    weights = fit_coefficients(mixture.denoiser, noise, sigmas, end_sigma=0.002, refine=0)
+    old = fit_coefficients(mixture.denoiser, noise, sigmas, refine=0)
+    target = ode_reference(mixture, held_out * 80.0, 80.0, 0.002)
+    run = functools.partial(SAMPLERS["learned"], mixture.denoiser, held_out * 80.0, sigmas)
+    errors = [rms(run(coefficients=w), target) for w in (weights, old)]
+    assert errors[0] < 0.5 * errors[1], errors  # 0.060 against 0.28
+    out = fitted_sampler(end_sigma=0.002)(mixture.denoiser, noise * 80.0, sigmas)
+    torch.testing.assert_close(out, SAMPLERS["learned"](mixture.denoiser, noise * 80.0, sigmas, coefficients=weights))
 
 
 def test_joint_refinement_lowers_held_out_error_and_keeps_what_it_cannot_beat():

@@ -172,7 +172,8 @@ def optimized_sigmas(
                 return ld3_sigmas(counter, noise, starts, spec.name, options=spec.options, log=log.info)
             if fitted:
                 form, history = str(spec.options.get("form", "eps")), int(spec.options.get("history", 3))
-                sampler = fitted_sampler(form=form, history=history, start_sigma=search_top(schedule, spec))
+                top, end = search_top(schedule, spec), schedule.sigma_min  # where the search's reference runs
+                sampler = fitted_sampler(form=form, history=history, start_sigma=top, end_sigma=end)
                 return optimize_sigmas(counter, noise, starts, sampler, move_start=True)
             return optimize_sigmas(counter, noise, starts, spec.name, options=spec.options, move_start=True)
 
@@ -188,8 +189,9 @@ def optimized_sigmas(
         "shape": list(shape),
         "batch_size": batch_size,
         **({"spacing": LD3, "ld3": LD3_SETTINGS} if spec.spacing == LD3 else {"start": "searched"}),
-        # not the fixed rule's grid, and weights fitted to the solution from the top (not from a lowered start)
-        **({"searched_for": "weights fitted from the top"} if fitted and spec.spacing != LD3 else {}),
+        # not the fixed rule's grid, and weights fitted to the solution from the top (not from a lowered
+        # start) down to the ODE's end (not the denoised last level)
+        **({"searched_for": "weights fitted from the top to the end"} if fitted and spec.spacing != LD3 else {}),
     }
     return load_or_optimize(cache_path, key, compute, cost=cost)
 
@@ -204,6 +206,7 @@ def learned_coefficients(
     batch_size: int = 64,
     cond: Mapping | None = None,
     start_sigma: float | None = None,
+    end_sigma: float | None = None,
     cache_path: str | Path | None = None,
     cache_key: Mapping | None = None,
 ) -> list[list[float]]:
@@ -211,7 +214,9 @@ def learned_coefficients(
     the sequential fit refined jointly, on a fixed batch of ``batch_size`` noises), stored in the JSON
     file ``cache_path`` under ``cache_key`` (which must identify the weights) plus the grid and
     options: computed once. ``start_sigma``: the level the solution to match starts from, for a
-    searched grid whose first level moved below the top (:func:`optimized_sigmas`)."""
+    searched grid whose first level moved below the top (:func:`optimized_sigmas`); ``end_sigma``: the
+    level that solution descends to before its final denoising (the schedule's smallest), for a grid
+    whose last positive level is higher."""
     history, form = int(spec.options.get("history", 3)), str(spec.options.get("form", "eps"))
     steps = len(sigmas) - 1
 
@@ -222,7 +227,14 @@ def learned_coefficients(
         batch_cond = {k: v[:batch_size] for k, v in (cond or {}).items()}
         with costed(counter, cost, f"learned weights for {steps} steps"):
             return fit_coefficients(
-                counter, noise, sigmas, form=form, history=history, cond=batch_cond, start_sigma=start_sigma
+                counter,
+                noise,
+                sigmas,
+                form=form,
+                history=history,
+                cond=batch_cond,
+                start_sigma=start_sigma,
+                end_sigma=end_sigma,
             )
 
     if cache_path is None:
@@ -236,6 +248,7 @@ def learned_coefficients(
         "kind": "learned_coefficients",
         "sigmas": [float(v) for v in sigmas.tolist()],
         **({"start_sigma": float(start_sigma)} if start_sigma is not None else {}),
+        **({"end_sigma": float(end_sigma)} if end_sigma is not None else {}),
         "history": history,
         "form": form,
         "refine": REFINE_ITERATIONS,  # weights fitted before the joint refinement are not reused

@@ -706,8 +706,9 @@ class DiffusionModel(L.LightningModule):
         self, spec: SamplerSpec, sigmas: Tensor, use_ema: bool = True, start_sigma: float | None = None
     ) -> list[list[float]]:
         """``sampler=learned``'s weights for this model and grid, fitted on unconditional (null-condition)
-        trajectories (from ``noise * start_sigma`` when given, else from the grid's first level): cached
-        beside the checkpoint (keyed by the file's hash), or in memory for the current training step."""
+        trajectories (from ``noise * start_sigma`` when given, else from the grid's first level, down to
+        the schedule's smallest level, then denoised): cached beside the checkpoint (keyed by the file's
+        hash), or in memory for the current training step."""
         shape = (self.hparams.channels, self.hparams.image_size, self.hparams.image_size)
         key = {
             "weights": self.checkpoint_id or f"step-{self.global_step}",
@@ -727,6 +728,7 @@ class DiffusionModel(L.LightningModule):
                 device=self.device,
                 cond=self.condition(64, use_ema=use_ema),
                 start_sigma=start_sigma,
+                end_sigma=self.schedule.sigma_min,
                 cache_path=self.sigmas_cache if self.checkpoint_id else None,
                 cache_key=key,
             )
