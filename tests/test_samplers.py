@@ -573,6 +573,11 @@ def test_learned_weights_on_a_lowered_start_aim_at_the_solution_from_the_top():
     assert weights != fit_coefficients(mixture.denoiser, noise, sigmas, refine=0)
     out = fitted_sampler(start_sigma=80.0)(mixture.denoiser, noise * 10.0, sigmas)
     torch.testing.assert_close(out, SAMPLERS["learned"](mixture.denoiser, noise * 10.0, sigmas, coefficients=weights))
+    # a top that differs from the grid's first level by rounding only (sigma_max against a Karras grid's
+    # first level) is that level, not an interval of length ~0 that the fine solver would refuse
+    top = float(sigmas[0]) * (1 + 1e-15)
+    rounded = fine_trajectory(mixture.denoiser, noise * top, sigmas.tolist(), start_sigma=top)
+    torch.testing.assert_close(rounded, from_start)
 
 
 def test_learned_weights_aim_at_the_end_of_the_ode_not_the_denoised_last_level():
