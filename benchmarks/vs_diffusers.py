@@ -24,8 +24,9 @@ diffusers' configurations: every documented ``timestep_spacing`` (leading, linsp
 ``use_karras_sigmas`` where offered; each scheduler's best is reported per budget (an oracle choice
 in its favour). fewstep: each sampler with its packaged defaults and the spacing variants listed in
 ``FEWSTEP``, and ``sampler=learned`` (step weights fitted to the model, ``--learned`` grids; ``optimized``
-also searches the grid, refitting the weights to every grid it tries) fitted on *another* batch of
-noise than the one scored. Results go to a JSON file and a plot (``--out``).
+also searches the grid, refitting the weights to every grid it tries; ``--learned-from unipc``: data form,
+refined from UniPC's own weights on UniPC's searched grid) fitted on *another* batch of noise than the one
+scored. Results go to a JSON file and a plot (``--out``).
 """
 
 from __future__ import annotations
@@ -238,6 +239,31 @@ def compare(
             x = SAMPLERS["learned"](counting, noise * grid[0], grid, coefficients=coefficients)
             err = rms(x, reference)
             results["fewstep"].setdefault(label, {})[nfe] = (counting.calls, err if math.isfinite(err) else None)
+    for fixed in args.learned_from:  # learned from a fixed sampler's weights, on the grid searched for it
+        for nfe in nfes:
+            starts = [schedule.sigmas(nfe, s, dtype=torch.float64) for s in OPTIMIZE_FROM]
+            counting = CountingDenoiser(denoiser)
+            search_noise = fit_noise[: args.search_n or None]
+            sigmas = optimize_sigmas(counting, search_noise, starts, fixed, move_start=args.move_start)
+            fit_calls += counting.calls
+            counting = CountingDenoiser(denoiser)
+            options = {"form": "data", "history": args.learned_from_history}
+            coefficients = fit_coefficients(
+                counting,
+                fit_noise,
+                sigmas,
+                **options,
+                start_sigma=sigma_max,
+                end_sigma=schedule.sigma_min,
+                start_from=fixed,
+            )
+            fit_calls += counting.calls
+            counting, grid = CountingDenoiser(denoiser), sigmas.to(noise.dtype)
+            x = SAMPLERS["learned"](counting, noise * grid[0], grid, coefficients=coefficients, **options)
+            err = rms(x, reference)
+            label = f"learned from {fixed} (optimized)"
+            results["fewstep"].setdefault(label, {})[nfe] = (counting.calls, err if math.isfinite(err) else None)
+            print(f"  {label} at {nfe} NFE: error {err:.4g}", flush=True)
     t3 = time.perf_counter()
     for name in args.tuned:  # grids tuned to the model: coordinate descent (optimized) against LD3
         coordinate_descent = functools.partial(optimize_sigmas, move_start=args.move_start)
@@ -394,6 +420,13 @@ def main() -> None:
         default=list(OPTIMIZE_FROM),
         help="grids the learned optimized search starts from (default: the library's)",
     )
+    parser.add_argument(
+        "--learned-from",
+        nargs="*",
+        default=["unipc"],
+        help="learned (data form) refined from these samplers' weights, on the grid optimized for each",
+    )
+    parser.add_argument("--learned-from-history", type=int, default=3, help="weights per step of those")
     parser.add_argument("--fit-n", type=int, default=0, help="noises to fit learned on, network cases (0: --n)")
     parser.add_argument(
         "--search-n", type=int, default=0, help="of those, how many the optimized search uses (0: all; library: 16)"

@@ -390,6 +390,30 @@ def test_learned_optimized_grid_searched_with_the_fit_and_cached(tmp_path):
     assert len(calls) == 2 and torch.equal(first, second)  # grid and weights read from the cache
 
 
+def test_learned_from_unipc_on_unipcs_grid_cached(tmp_path):
+    # start_from: the grid is the one searched for UniPC (cheap: no fit per trial), the weights start
+    # from UniPC's and are refined; both are cached, so a second run costs only its own calls
+    model = small_model()
+    fit(model, tmp_path, max_steps=4)
+    loaded = load_model(tmp_path / "ckpt" / "last.ckpt")
+    options = {"steps": 2, "spacing": "optimized", "form": "data", "start_from": "unipc", "seed": 0}
+    first = loaded.sample(2, "learned", **options)
+    grid, weights = json.loads((tmp_path / "ckpt" / "last.optimized_sigmas.json").read_text())
+    assert grid["key"]["sampler"] == "unipc" and "searched_for" not in grid["key"]
+    assert grid["cost"]["network_evaluations"] < 16 * (511 + 10 * (16 + 1 + 2 + 2))  # no fit per trial
+    assert weights["key"]["start_from"] == "unipc" and weights["key"]["sigmas"] == grid["value"]
+    assert weights["key"]["start_sigma"] == pytest.approx(loaded.schedule.sigma_max)
+    loaded.sample(2, "unipc", steps=2, spacing="optimized", seed=0)  # sampler=unipc shares that grid
+    assert len(json.loads((tmp_path / "ckpt" / "last.optimized_sigmas.json").read_text())) == 2
+    again = load_model(tmp_path / "ckpt" / "last.ckpt")
+    calls: list[int] = []
+    net_forward = again.ema.module.forward
+    again.ema.module.forward = lambda *a, **k: calls.append(1) or net_forward(*a, **k)
+    assert torch.equal(first, again.sample(2, "learned", **options)) and len(calls) == 2
+    with pytest.raises(ValueError, match="set sampler.form=data"):
+        again.sample(2, "learned", steps=2, start_from="unipc")
+
+
 def test_dynamic_threshold_option():
     model = small_model()
     out = model.sample(2, "ddim", steps=2, dynamic_threshold=0.9)

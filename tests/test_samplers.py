@@ -20,7 +20,13 @@ from fewstep.diffusion.sampling import SamplerSpec, auto_config, optimized_sigma
 from fewstep.diffusion.schedules import LinearSchedule
 from fewstep.diffusion.thresholding import DynamicThreshold, dynamic_threshold
 from fewstep.samplers import SAMPLERS, get_sampler, make_sigmas
-from fewstep.samplers.learned import fine_trajectory, fit_coefficients, fitted_sampler, refine_coefficients
+from fewstep.samplers.learned import (
+    fine_trajectory,
+    fit_coefficients,
+    fitted_sampler,
+    multistep_weights,
+    refine_coefficients,
+)
 from fewstep.samplers.optimize import LD3_SAMPLERS, _solve_differentiably, ld3_sigmas, load_or_optimize, optimize_sigmas
 from fewstep.samplers.spacing import karras
 
@@ -83,6 +89,7 @@ ORDER_CASES = [
     ("deis", {"order": 4}, [64, 128, 256], (2.2, 4.35)),
     ("learned", {}, [32, 64, 128], 3),  # unfitted: DEIS log-sigma of order 3 without lower-order final steps
     ("learned", {"form": "data"}, [16, 32, 64], 2),  # unfitted: DPM-Solver++(2M)
+    ("learned", {"form": "data", "start_from": "unipc"}, [32, 64, 128], 3),  # unfitted: UniPC-2 itself
     ("gradient_estimation", {}, [16, 32, 64], 1),
 ]
 
@@ -527,6 +534,41 @@ def test_learned_coefficients_beat_fixed_rules_on_held_out_noise():
         assert rms(learned, ref) < limit * rms(dpm, ref), (steps, rms(learned, ref), rms(dpm, ref))
     with pytest.raises(ValueError, match="fit them for this grid"):
         SAMPLERS["learned"](mixture.denoiser, test_noise, karras_grid(4), coefficients=coefficients)
+
+
+def test_learned_from_a_fixed_samplers_weights():
+    """``start_from``: a multistep sampler's own weights, read off exactly by running it on random
+    denoiser outputs, make ``learned`` that sampler; the end-error refinement from them must then beat it
+    on held-out noise. Samplers of another form are refused with what to change."""
+    mixture = GaussianMixture.random(dim=16, components=4, seed=1, spread=0.5)
+    g = torch.Generator().manual_seed(0)
+    fit_noise, test_noise = (torch.randn(96, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    ref = ode_reference(mixture, test_noise * 80.0, 80.0, SIGMA_MIN)
+    sigmas = karras_grid(5, sigma_max=80.0)
+    run = functools.partial(SAMPLERS["learned"], mixture.denoiser, test_noise * 80.0, sigmas, form="data")
+    for name, history in (("unipc", 3), ("dpmpp_2m", 2), ("dpmpp_3m", 3), ("ddim", 1)):
+        fixed = SAMPLERS[name](mixture.denoiser, test_noise * 80.0, sigmas)
+        torch.testing.assert_close(run(history=history, start_from=name), fixed, rtol=1e-9, atol=1e-9)
+        weights = multistep_weights(name, sigmas, history)
+        torch.testing.assert_close(run(history=history, coefficients=weights), fixed, rtol=1e-9, atol=1e-9)
+    start = fit_coefficients(mixture.denoiser, fit_noise, sigmas, form="data", start_from="unipc", refine=0)
+    assert start == multistep_weights("unipc", sigmas, 3)  # no sequential fit: the refinement starts there
+    for steps, limit in ((5, 0.75), (8, 0.4)):  # measured 0.61 and 0.27
+        sigmas = karras_grid(steps, sigma_max=80.0)
+        unipc = rms(SAMPLERS["unipc"](mixture.denoiser, test_noise * 80.0, sigmas), ref)
+        fitted = fit_coefficients(mixture.denoiser, fit_noise, sigmas, form="data", start_from="unipc")
+        learned = SAMPLERS["learned"](mixture.denoiser, test_noise * 80.0, sigmas, form="data", coefficients=fitted)
+        assert rms(learned, ref) < limit * unipc, (steps, rms(learned, ref), unipc)
+    for options, message in (
+        ({"start_from": "heun"}, "calls the network 9 times on 5 steps"),
+        ({"start_from": "deis"}, "not a multistep method on the last 3 denoiser outputs"),
+        ({"start_from": "unipc", "history": 2}, "raise sampler.history"),
+        ({"start_from": "nope"}, "unknown sampler 'nope'"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            SAMPLERS["learned"](mixture.denoiser, test_noise, karras_grid(5), form="data", **options)
+    with pytest.raises(ValueError, match="set sampler.form=data"):
+        SAMPLERS["learned"](mixture.denoiser, test_noise, karras_grid(5), start_from="unipc")
 
 
 def test_grid_searched_with_the_fit_beats_the_fixed_rules_grid():

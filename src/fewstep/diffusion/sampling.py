@@ -160,6 +160,21 @@ def optimized_sigmas(
         raise ValueError(f"spacing={spec.spacing} is not tuned to a model; use SamplerSpec.sigmas")
     starts = [schedule.sigmas(spec.steps, s, dtype=torch.float64, **spec.spacing_options) for s in OPTIMIZE_FROM]
 
+    fixed = spec.options.get("start_from") if spec.name == "learned" else None
+    if fixed is not None:  # learned from a fixed sampler's weights: on the grid searched for that sampler
+        grid_keys = ("name", "steps", "spacing", "dynamic_threshold", *SPACING_OPTIONS)
+        options = {k: v for k, v in sampler_config(fixed).items() if k not in grid_keys}  # its defaults
+        fixed_spec = SamplerSpec(fixed, spec.steps, spec.spacing, spec.spacing_options, options, spec.dynamic_threshold)
+        return optimized_sigmas(
+            denoiser,
+            schedule,
+            fixed_spec,
+            shape,
+            device=device,
+            batch_size=batch_size,
+            cache_path=cache_path,
+            cache_key=cache_key,
+        )
     counter, cost = CountingDenoiser(spec.wrap(denoiser), batch=1), {}
     # learned without given weights: search the grid for the weights fitted to it, not for the fixed rule
     fitted = spec.name == "learned" and spec.options.get("coefficients") is None
@@ -218,6 +233,7 @@ def learned_coefficients(
     level that solution descends to before its final denoising (the schedule's smallest), for a grid
     whose last positive level is higher."""
     history, form = int(spec.options.get("history", 3)), str(spec.options.get("form", "eps"))
+    start_from = spec.options.get("start_from")
     steps = len(sigmas) - 1
 
     counter, cost = CountingDenoiser(spec.wrap(denoiser), batch=1), {}
@@ -235,6 +251,7 @@ def learned_coefficients(
                 cond=batch_cond,
                 start_sigma=start_sigma,
                 end_sigma=end_sigma,
+                start_from=start_from,
             )
 
     if cache_path is None:
@@ -251,6 +268,7 @@ def learned_coefficients(
         **({"end_sigma": float(end_sigma)} if end_sigma is not None else {}),
         "history": history,
         "form": form,
+        **({"start_from": start_from} if start_from is not None else {}),
         "refine": REFINE_ITERATIONS,  # weights fitted before the joint refinement are not reused
         "dynamic_threshold": spec.dynamic_threshold,
         "shape": list(shape),
