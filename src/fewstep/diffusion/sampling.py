@@ -162,8 +162,7 @@ def optimized_sigmas(
 
     fixed = spec.options.get("start_from") if spec.name == "learned" else None
     if fixed is not None:  # learned from a fixed sampler's weights: on the grid searched for that sampler
-        grid_keys = ("name", "steps", "spacing", "dynamic_threshold", *SPACING_OPTIONS)
-        options = {k: v for k, v in sampler_config(fixed).items() if k not in grid_keys}  # its defaults
+        options = SamplerSpec.from_config(sampler_config(fixed)).options  # its defaults, as sampler=NAME has them
         fixed_spec = SamplerSpec(fixed, spec.steps, spec.spacing, spec.spacing_options, options, spec.dynamic_threshold)
         return optimized_sigmas(
             denoiser,
