@@ -158,8 +158,6 @@ def optimized_sigmas(
     """
     if spec.spacing not in MODEL_SPACINGS:
         raise ValueError(f"spacing={spec.spacing} is not tuned to a model; use SamplerSpec.sigmas")
-    starts = [schedule.sigmas(spec.steps, s, dtype=torch.float64, **spec.spacing_options) for s in OPTIMIZE_FROM]
-
     fixed = spec.options.get("start_from") if spec.name == "learned" else None
     if fixed is not None:  # learned from a fixed sampler's weights: on the grid searched for that sampler
         options = SamplerSpec.from_config(sampler_config(fixed)).options  # its defaults, as sampler=NAME has them
@@ -174,6 +172,7 @@ def optimized_sigmas(
             cache_path=cache_path,
             cache_key=cache_key,
         )
+    starts = [schedule.sigmas(spec.steps, s, dtype=torch.float64, **spec.spacing_options) for s in OPTIMIZE_FROM]
     counter, cost = CountingDenoiser(spec.wrap(denoiser), batch=1), {}
     # learned without given weights: search the grid for the weights fitted to it, not for the fixed rule
     fitted = spec.name == "learned" and spec.options.get("coefficients") is None

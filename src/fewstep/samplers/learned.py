@@ -287,6 +287,8 @@ def fit_coefficients(
     _check(form, history, start_from)
     sigmas = check_sigmas(sigmas.double().cpu(), noise.new_empty(0, dtype=torch.float64))
     s, steps = sigmas.tolist(), len(sigmas) - 1
+    if start_from is not None and refine <= 0:  # nothing to fit: no fine trajectory needed
+        return multistep_weights(start_from, sigmas, history)
     top = s[0] if start_sigma is None else max(float(start_sigma), s[0])
     x = noise * s[0]
     # x*_0 .. at the grid's levels, then the end
