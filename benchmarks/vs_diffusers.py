@@ -28,7 +28,9 @@ in its favour). fewstep: each sampler with its packaged defaults and the spacing
 ``FEWSTEP``, and ``sampler=learned`` (step weights fitted to the model, ``--learned`` grids; ``optimized``
 also searches the grid, refitting the weights to every grid it tries; ``--learned-from unipc``: data form,
 refined from UniPC's own weights on UniPC's searched grid) fitted on *another* batch of noise than the one
-scored. Results go to a JSON file and a plot (``--out``).
+scored. With two or more ``--learned-from`` samplers a row "learned from the best of ..." takes, at each
+budget, the one a third batch of noise (32, seed 2) ranks first, as ``sampler.start_from=[unipc,dpmpp_3m]``
+does in the library. Results go to a JSON file and a plot (``--out``).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ from fewstep.config import sampler_config  # noqa: E402
 from fewstep.diffusion.sampling import OPTIMIZE_FROM, CountingDenoiser  # noqa: E402
 from fewstep.diffusion.schedules import LinearSchedule, Schedule  # noqa: E402
 from fewstep.samplers import SAMPLERS  # noqa: E402
-from fewstep.samplers.learned import fit_coefficients, fitted_sampler  # noqa: E402
+from fewstep.samplers.learned import fit_coefficients, fitted_sampler, start_errors  # noqa: E402
 from fewstep.samplers.optimize import ld3_sigmas, optimize_sigmas  # noqa: E402
 from fewstep.samplers.spacing import t_to_sigma  # noqa: E402
 
@@ -230,8 +232,26 @@ def compare(
             record(results, "fewstep", label, nfe, calls, x, reference)
     t2 = time.perf_counter()
     fit_calls = 0
+
+    def fit_and_run(label: str, nfe: int, sigmas: Tensor, **options) -> Tensor:
+        """Fit learned's weights on ``fit_noise`` (the ODE solution from the top down to the schedule's
+        smallest level, as the library does), run it on ``noise``, record the row; the result back."""
+        nonlocal fit_calls
+        counting = CountingDenoiser(denoiser)
+        coefficients = fit_coefficients(
+            counting, fit_noise, sigmas, start_sigma=sigma_max, end_sigma=schedule.sigma_min, **options
+        )
+        fit_calls += counting.calls
+        counting, grid = CountingDenoiser(denoiser), sigmas.to(noise.dtype)
+        x = SAMPLERS["learned"](counting, noise * grid[0], grid, coefficients=coefficients, **options)
+        err = record(results, "fewstep", label, nfe, counting.calls, x, reference)
+        print(f"  {label} at {nfe} NFE: error {err:.4g}", flush=True)
+        candidates[nfe][options.get("start_from")] = (sigmas, coefficients, x)
+        return x
+
+    candidates: dict[int, dict] = {nfe: {} for nfe in nfes}
+    search_noise = fit_noise[: args.search_n or None]
     for grid_name in args.learned:
-        label = f"learned ({grid_name})"
         spacing, spacing_options = learned_grid(grid_name)
         for nfe in nfes:
             if spacing == "optimized":  # the grid searched with the weights fitted to every trial, as the library does
@@ -240,45 +260,35 @@ def compare(
                     for start, start_options in map(learned_grid, args.learned_starts)
                 ]
                 counting = CountingDenoiser(denoiser)
-                search_noise = fit_noise[: args.search_n or None]
                 fitted = fitted_sampler(start_sigma=float(starts[0][0]), end_sigma=schedule.sigma_min)
                 sigmas = optimize_sigmas(counting, search_noise, starts, fitted, move_start=args.move_start)
                 fit_calls += counting.calls
             else:
                 sigmas = schedule.sigmas(nfe, spacing, dtype=torch.float64, **spacing_options)
-            counting = CountingDenoiser(denoiser)
-            # the reference's start and end (the ODE down to the schedule's smallest level, not the denoised last one)
-            end = schedule.sigma_min
-            coefficients = fit_coefficients(counting, fit_noise, sigmas, start_sigma=sigma_max, end_sigma=end)
-            fit_calls += counting.calls
-            counting = CountingDenoiser(denoiser)
-            grid = sigmas.to(noise.dtype)
-            x = SAMPLERS["learned"](counting, noise * grid[0], grid, coefficients=coefficients)
-            record(results, "fewstep", label, nfe, counting.calls, x, reference)
+            fit_and_run(f"learned ({grid_name})", nfe, sigmas)
     for fixed in args.learned_from:  # learned from a fixed sampler's weights, on the grid searched for it
         for nfe in nfes:
             starts = [schedule.sigmas(nfe, s, dtype=torch.float64) for s in OPTIMIZE_FROM]
             counting = CountingDenoiser(denoiser)
-            search_noise = fit_noise[: args.search_n or None]
             sigmas = optimize_sigmas(counting, search_noise, starts, fixed, move_start=args.move_start)
             fit_calls += counting.calls
+            options = {"form": "data", "history": args.learned_from_history, "start_from": fixed}
+            fit_and_run(f"learned from {fixed} (optimized)", nfe, sigmas, **options)
+    if len(args.learned_from) > 1:  # the start the library would choose (start_from=[...]), on 32 more noises
+        held_out = torch.randn((32, *noise.shape[1:]), generator=torch.Generator().manual_seed(2), dtype=noise.dtype)
+        for nfe in nfes:
+            fits = {name: (grid, w) for name, (grid, w, _) in candidates[nfe].items() if name in args.learned_from}
             counting = CountingDenoiser(denoiser)
-            options = {"form": "data", "history": args.learned_from_history}
-            coefficients = fit_coefficients(
-                counting,
-                fit_noise,
-                sigmas,
-                **options,
-                start_sigma=sigma_max,
-                end_sigma=schedule.sigma_min,
-                start_from=fixed,
+            history = args.learned_from_history
+            errors = start_errors(
+                counting, held_out, fits, start_sigma=sigma_max, end_sigma=schedule.sigma_min, history=history
             )
             fit_calls += counting.calls
-            counting, grid = CountingDenoiser(denoiser), sigmas.to(noise.dtype)
-            x = SAMPLERS["learned"](counting, noise * grid[0], grid, coefficients=coefficients, **options)
-            label = f"learned from {fixed} (optimized)"
-            err = record(results, "fewstep", label, nfe, counting.calls, x, reference)
-            print(f"  {label} at {nfe} NFE: error {err:.4g}", flush=True)
+            choice = min(errors, key=errors.get)
+            label = f"learned from the best of {', '.join(args.learned_from)} (optimized)"
+            err = record(results, "fewstep", label, nfe, nfe, candidates[nfe][choice][2], reference)
+            held = ", ".join(f"{k} {v:.4g}" for k, v in errors.items())
+            print(f"  {label} at {nfe} NFE: {choice} (held-out errors {held}), error {err:.4g}", flush=True)
     t3 = time.perf_counter()
     for name in args.tuned:  # grids tuned to the model: coordinate descent (optimized) against LD3
         coordinate_descent = functools.partial(optimize_sigmas, move_start=args.move_start)

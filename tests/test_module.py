@@ -7,6 +7,7 @@ import json
 import lightning as L
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 from fewstep.lit import DiffusionModel, load_model
@@ -412,6 +413,40 @@ def test_learned_from_unipc_on_unipcs_grid_cached(tmp_path):
     assert torch.equal(first, again.sample(2, "learned", **options)) and len(calls) == 2
     with pytest.raises(ValueError, match="set sampler.form=data"):
         again.sample(2, "learned", steps=2, start_from="unipc")
+
+
+def test_learned_start_chosen_among_samplers_and_cached(tmp_path):
+    # start_from=[unipc, dpmpp_3m]: fitted from each, the one closer to the ODE solution on held-out noise
+    # is kept; the fits and the choice are cached, so a second run (a Hydra list too) costs its own calls
+    model = small_model()
+    fit(model, tmp_path, max_steps=4)
+    loaded = load_model(tmp_path / "ckpt" / "last.ckpt")
+    options = {"steps": 2, "spacing": "trailing", "form": "data", "seed": 0}
+    first = loaded.sample(2, "learned", start_from=["unipc", "dpmpp_3m"], **options)
+    records = json.loads((tmp_path / "ckpt" / "last.optimized_sigmas.json").read_text())
+    assert [r["key"].get("start_from") for r in records if r["key"]["kind"] == "learned_coefficients"] == [
+        "unipc",
+        "dpmpp_3m",
+    ]
+    (choice,) = [r for r in records if r["key"]["kind"] == "learned_start"]
+    errors = choice["value"]["errors"]
+    # (at 2 steps both refine to the same weights: a tie, which goes to the first listed)
+    assert set(errors) == {"unipc", "dpmpp_3m"} and errors[choice["value"]["choice"]] == min(errors.values())
+    assert choice["cost"]["network_evaluations"] == 32 * (257 + 2 + 2)  # the fine solution, then each candidate
+    again = load_model(tmp_path / "ckpt" / "last.ckpt")
+    calls: list[int] = []
+    net_forward = again.ema.module.forward
+    again.ema.module.forward = lambda *a, **k: calls.append(1) or net_forward(*a, **k)
+    hydra_list = OmegaConf.create({"start_from": ["unipc", "dpmpp_3m"]}).start_from
+    assert torch.equal(first, again.sample(2, "learned", start_from=hydra_list, **options)) and len(calls) == 2
+    chosen = again.sample(2, "learned", start_from=choice["value"]["choice"], **options)
+    assert torch.equal(first, chosen) and len(calls) == 4
+    # a hand-edited choice (a sampler that was not a candidate) is ignored with a warning and measured again
+    choice["value"]["choice"] = "ddim"
+    (tmp_path / "ckpt" / "last.optimized_sigmas.json").write_text(json.dumps(records))
+    with pytest.warns(UserWarning, match="ignoring an invalid entry"):
+        again = load_model(tmp_path / "ckpt" / "last.ckpt")
+        assert torch.equal(first, again.sample(2, "learned", start_from=["unipc", "dpmpp_3m"], **options))
 
 
 def test_dynamic_threshold_option():

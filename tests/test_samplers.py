@@ -26,6 +26,7 @@ from fewstep.samplers.learned import (
     fitted_sampler,
     multistep_weights,
     refine_coefficients,
+    start_errors,
 )
 from fewstep.samplers.optimize import LD3_SAMPLERS, _solve_differentiably, ld3_sigmas, load_or_optimize, optimize_sigmas
 from fewstep.samplers.spacing import karras
@@ -571,6 +572,37 @@ def test_learned_from_a_fixed_samplers_weights():
             SAMPLERS["learned"](mixture.denoiser, test_noise, karras_grid(5), form="data", **options)
     with pytest.raises(ValueError, match="set sampler.form=data"):
         SAMPLERS["learned"](mixture.denoiser, test_noise, karras_grid(5), start_from="unipc")
+
+
+def test_start_errors_rank_fitted_samplers_as_the_exact_solution_does():
+    """``start_from=[...]`` keeps the fitted sampler whose result is closest to the ODE solution on
+    held-out noise: the errors ``start_errors`` measures against its fine DPM-Solver++(3M) solution are
+    the errors to the exact one, each candidate on its own grid (lowered starts included)."""
+    mixture = GaussianMixture.random(dim=16, components=4, seed=1, spread=0.5)
+    noise = torch.randn(64, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    exact = ode_reference(mixture, noise * 80.0, 80.0, SIGMA_MIN)
+    candidates = {
+        "unipc": karras_grid(6, sigma_max=80.0),
+        "dpmpp_3m": karras_grid(6, sigma_max=30.0),  # starts below the top: scored against the solution from it
+        "ddim": karras_grid(5, sigma_max=80.0),
+    }
+    candidates = {name: (g, multistep_weights(name, g, 3)) for name, g in candidates.items()}
+    errors = start_errors(mixture.denoiser, noise, candidates, start_sigma=80.0, end_sigma=SIGMA_MIN)
+    direct = {
+        name: rms(SAMPLERS[name](mixture.denoiser, noise * g[0], g), exact) for name, (g, _) in candidates.items()
+    }
+    per_pixel = {name: error / math.sqrt(mixture.dim) for name, error in direct.items()}  # (rms: per sample)
+    assert errors == pytest.approx(per_pixel, rel=1e-3), (errors, per_pixel)
+    assert min(errors, key=errors.get) == min(direct, key=direct.get)
+    with pytest.raises(ValueError, match="a choice made when fitting"):
+        SAMPLERS["learned"](mixture.denoiser, noise, karras_grid(5), form="data", start_from=["unipc", "ddim"])
+    with pytest.raises(ValueError, match="fits from one sampler"):
+        fit_coefficients(mixture.denoiser, noise, karras_grid(5), form="data", start_from=["unipc", "ddim"])
+    with pytest.raises(ValueError, match="unknown sampler 'nope'"):
+        SAMPLERS["learned"](mixture.denoiser, noise, karras_grid(5), form="data", start_from=["unipc", "nope"])
+    # a list of one is that sampler
+    one = SAMPLERS["learned"](mixture.denoiser, noise * 80.0, karras_grid(5, 80.0), form="data", start_from=["unipc"])
+    torch.testing.assert_close(one, SAMPLERS["unipc"](mixture.denoiser, noise * 80.0, karras_grid(5, 80.0)))
 
 
 def test_grid_searched_with_the_fit_beats_the_fixed_rules_grid():

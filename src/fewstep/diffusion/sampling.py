@@ -28,7 +28,13 @@ from fewstep.diffusion.guidance import ClassifierFreeGuidance
 from fewstep.diffusion.schedules import Schedule
 from fewstep.diffusion.thresholding import DynamicThreshold
 from fewstep.samplers import SPACINGS, SampleGenerators, get_sampler
-from fewstep.samplers.learned import REFINE_ITERATIONS, fit_coefficients, fitted_sampler
+from fewstep.samplers.learned import (
+    REFINE_ITERATIONS,
+    fit_coefficients,
+    fitted_sampler,
+    start_candidates,
+    start_errors,
+)
 from fewstep.samplers.optimize import ld3_sigmas, load_or_compute, load_or_optimize, optimize_sigmas
 
 log = logging.getLogger(__name__)
@@ -159,6 +165,10 @@ def optimized_sigmas(
     if spec.spacing not in MODEL_SPACINGS:
         raise ValueError(f"spacing={spec.spacing} is not tuned to a model; use SamplerSpec.sigmas")
     fixed = spec.options.get("start_from") if spec.name == "learned" else None
+    if fixed is not None and not isinstance(fixed, str):
+        if len(start_candidates(fixed)) != 1:  # DiffusionModel.sample resolves a list first (learned_start)
+            raise ValueError(f"start_from={list(fixed)}: each start has its own grid; search one at a time")
+        fixed = start_candidates(fixed)[0]
     if fixed is not None:  # learned from a fixed sampler's weights: on the grid searched for that sampler
         options = SamplerSpec.from_config(sampler_config(fixed)).options  # its defaults, as sampler=NAME has them
         fixed_spec = SamplerSpec(fixed, spec.steps, spec.spacing, spec.spacing_options, options, spec.dynamic_threshold)
@@ -273,6 +283,71 @@ def learned_coefficients(
         "batch_size": batch_size,
     }
     return load_or_compute(cache_path, key, compute, valid=valid, cost=cost)
+
+
+def learned_start(
+    denoiser: Callable[..., Tensor],
+    spec: SamplerSpec,
+    candidates: Mapping[str, tuple[Tensor, list[list[float]]]],
+    shape: tuple[int, ...],
+    *,
+    start_sigma: float,
+    end_sigma: float,
+    device: torch.device | str = "cpu",
+    batch_size: int = 32,
+    cond: Mapping | None = None,
+    cache_path: str | Path | None = None,
+    cache_key: Mapping | None = None,
+) -> str:
+    """``sampler=learned`` with ``start_from=[a, b, ...]``: of the samplers fitted from each (``candidates``:
+    name -> its grid and weights), the one closest to the ODE solution from ``start_sigma`` on
+    ``batch_size`` noises of another seed than the grid search's and the fit's
+    (:func:`fewstep.samplers.learned.start_errors`). Which start wins depends on the network and the
+    budget, so the library measures it instead of asking the user to know. Stored in the JSON file
+    ``cache_path`` under ``cache_key`` plus the candidates' grids and weights, with the errors: computed once."""
+    form, history = str(spec.options.get("form", "data")), int(spec.options.get("history", 3))
+    counter, cost = CountingDenoiser(spec.wrap(denoiser), batch=1), {}
+
+    def compute() -> dict:
+        noise = torch.randn((batch_size, *shape), generator=torch.Generator().manual_seed(1)).to(device)
+        batch_cond = {k: v[:batch_size] for k, v in (cond or {}).items()}
+        with costed(counter, cost, f"the start of learned among {', '.join(candidates)}"):
+            errors = start_errors(
+                counter,
+                noise,
+                candidates,
+                start_sigma=start_sigma,
+                end_sigma=end_sigma,
+                form=form,
+                history=history,
+                cond=batch_cond,
+            )
+        return {"choice": min(errors, key=errors.get), "errors": errors}
+
+    def valid_choice(value: Any) -> bool:  # as compute() writes it: a hand-edited entry is recomputed
+        errors = value["errors"]
+        numbers = all(isinstance(e, int | float) and math.isfinite(e) for e in errors.values())
+        return value["choice"] in candidates and set(errors) == set(candidates) and numbers
+
+    if cache_path is None:
+        result = compute()
+    else:
+        key = {
+            **dict(cache_key or {}),
+            "kind": "learned_start",
+            "candidates": {name: {"sigmas": g.tolist(), "coefficients": w} for name, (g, w) in candidates.items()},
+            "start_sigma": float(start_sigma),
+            "end_sigma": float(end_sigma),
+            "form": form,
+            "history": history,
+            "dynamic_threshold": spec.dynamic_threshold,
+            "shape": list(shape),
+            "batch_size": batch_size,
+        }
+        result = load_or_compute(cache_path, key, compute, valid=valid_choice, cost=cost)
+    errors = ", ".join(f"{name} {error:.4g}" for name, error in result["errors"].items())
+    log.info("learned at %d steps starts from %s (held-out RMS error: %s)", spec.steps, result["choice"], errors)
+    return result["choice"]
 
 
 @contextlib.contextmanager

@@ -31,10 +31,12 @@ from fewstep.diffusion.sampling import (
     collect,
     iter_generate,
     learned_coefficients,
+    learned_start,
     optimized_sigmas,
     search_top,
 )
 from fewstep.distill.training import Distiller, check_distillation
+from fewstep.samplers.learned import start_candidates
 
 log = logging.getLogger(__name__)
 DEFAULT_NET = {
@@ -652,13 +654,15 @@ class DiffusionModel(L.LightningModule):
         try:
             cond = self.condition(num_samples, y, prompt, use_ema)
             guide = self.guidance(guidance, use_ema)
-            sigmas = self.optimized_sigmas(spec, use_ema) if spec.spacing in MODEL_SPACINGS else None
+            sigmas = None
             if spec.name == "learned" and spec.options.get("coefficients") is None:
-                grid = sigmas if sigmas is not None else spec.sigmas(self.schedule)
-                # a searched grid may start below the top: its weights aim at the solution from the top
-                top = search_top(self.schedule, spec) if sigmas is not None else None
-                coefficients = self.learned_coefficients(spec, grid, use_ema, start_sigma=top)
+                if len(start_candidates(spec.options.get("start_from"))) > 1:  # fit from each, keep the best
+                    best = self.learned_start(spec, use_ema)
+                    spec = dataclasses.replace(spec, options={**spec.options, "start_from": best})
+                sigmas, coefficients = self.fitted_learned(spec, use_ema)
                 spec = dataclasses.replace(spec, options={**spec.options, "coefficients": coefficients})
+            elif spec.spacing in MODEL_SPACINGS:
+                sigmas = self.optimized_sigmas(spec, use_ema)
             for result in iter_generate(
                 self.denoiser(use_ema),
                 self.schedule,
@@ -701,6 +705,50 @@ class DiffusionModel(L.LightningModule):
         """
         result = collect(self.sample_batches(num_samples, sampler, steps, spacing, **kwargs), progress)
         return result if return_result else result.images
+
+    def fitted_learned(self, spec: SamplerSpec, use_ema: bool = True) -> tuple[Tensor, list[list[float]]]:
+        """``sampler=learned``'s grid (its spacing's, or the ``optimized`` / ``ld3`` one for this model) and
+        its weights fitted for this model on that grid (:meth:`learned_coefficients`)."""
+        if spec.spacing not in MODEL_SPACINGS:
+            grid = spec.sigmas(self.schedule)
+            return grid, self.learned_coefficients(spec, grid, use_ema)
+        grid = self.optimized_sigmas(spec, use_ema)
+        # a searched grid may start below the top: its weights aim at the solution from the top
+        return grid, self.learned_coefficients(spec, grid, use_ema, start_sigma=search_top(self.schedule, spec))
+
+    def learned_start(self, spec: SamplerSpec, use_ema: bool = True) -> str:
+        """``sampler=learned`` with ``start_from=[unipc, dpmpp_3m, ...]``: the one of them to fit from, the
+        one whose fitted sampler (on its own grid) ends closest to the ODE solution on held-out noise
+        (:func:`~fewstep.diffusion.sampling.learned_start`); each fit and the choice are cached."""
+        candidates = {}
+        for name in start_candidates(spec.options["start_from"]):
+            candidates[name] = self.fitted_learned(
+                dataclasses.replace(spec, options={**spec.options, "start_from": name}), use_ema
+            )
+        shape = (self.hparams.channels, self.hparams.image_size, self.hparams.image_size)
+        key = {
+            "weights": self.checkpoint_id or f"step-{self.global_step}",
+            "ema": bool(use_ema and self.ema is not None),
+        }
+        searched = spec.spacing in MODEL_SPACINGS  # then the fits aim at the solution from the top of the search
+        top = search_top(self.schedule, spec) if searched else float(spec.sigmas(self.schedule)[0])
+        memo = json.dumps([key, "learned_start", {k: [g.tolist(), w] for k, (g, w) in candidates.items()}, top])
+        if memo not in self._optimized:
+            if len(self._optimized) > 32:
+                self._optimized.clear()
+            self._optimized[memo] = learned_start(
+                self.denoiser(use_ema),
+                spec,
+                candidates,
+                shape,
+                start_sigma=top,
+                end_sigma=self.schedule.sigma_min,
+                device=self.device,
+                cond=self.condition(32, use_ema=use_ema),
+                cache_path=self.sigmas_cache if self.checkpoint_id else None,
+                cache_key=key,
+            )
+        return self._optimized[memo]
 
     def learned_coefficients(
         self, spec: SamplerSpec, sigmas: Tensor, use_ema: bool = True, start_sigma: float | None = None

@@ -169,7 +169,7 @@ def load_or_compute(
             value = record.get("value", record.get("sigmas"))  # "sigmas": files of older fewstep versions
             try:
                 ok = valid(value)
-            except (TypeError, ValueError, IndexError):
+            except (TypeError, ValueError, LookupError, AttributeError):  # a malformed entry
                 ok = False
             if ok:
                 if isinstance(record.get("cost"), dict):  # a note only: a malformed one is not logged
