@@ -312,6 +312,12 @@ def test_auto_is_the_measured_choice_for_its_steps():
         SamplerSpec.from_config({"name": "auto", "steps": 10, "restart_times": 2})
     # from 4 steps on the choice is stochastic (SDE-DPM-Solver++(2M)) and takes its options
     assert SamplerSpec.from_config({"name": "auto", "steps": 10, "eta": 0.5}).options["eta"] == 0.5
+    # objective=ode: the closest to the ODE's map, learned from the better of two starts on its searched grid
+    spec = SamplerSpec.from_config({**yaml.safe_load((CONF / "auto.yaml").read_text()), "objective": "ode"})
+    assert (spec.name, spec.steps, spec.spacing) == ("learned", 10, "optimized")
+    assert spec.options["form"] == "data" and list(spec.options["start_from"]) == ["unipc", "dpmpp_3m"]
+    with pytest.raises(ValueError, match="sampler.objective must be one of fid, ode, got 'lpips'"):
+        SamplerSpec.from_config({"name": "auto", "objective": "lpips"})
 
 
 def test_nfe_counts(gmm, ode_problem):

@@ -64,11 +64,22 @@ AUTO_CHOICES: tuple[tuple[int, dict], ...] = (
     (3, {"name": "unipc", "spacing": "trailing", "order": 2}),
     (10**9, {"name": "dpmpp_2m_sde", "spacing": "karras", "sigma_max": 20.0}),
 )
+# sampler=auto sampler.objective=ode: the closest to the probability-flow ODE's own map from noise to image (a
+# deterministic sampler, for inversion, editing and interpolation, or a distillation teacher). Measured best on
+# both trained networks of the side-by-side benchmark at 5 and 10 calls (docs/samplers.md, "fewstep vs
+# diffusers"): learned refined from UniPC's or DPM-Solver++(3M)'s weights on that sampler's searched grid, the
+# start chosen on held-out noise; grids, weights and choice are fitted once per checkpoint and cached.
+AUTO_ODE_CHOICE = {"name": "learned", "spacing": OPTIMIZED, "form": "data", "start_from": ("unipc", "dpmpp_3m")}
+AUTO_OBJECTIVES = ("fid", "ode")
 
 
-def auto_config(steps: int) -> dict:
-    """The sampler config ``sampler=auto`` stands for at ``steps`` network calls."""
-    config = next(choice for limit, choice in AUTO_CHOICES if steps <= limit)
+def auto_config(steps: int, objective: str = "fid") -> dict:
+    """The sampler config ``sampler=auto`` stands for at ``steps`` network calls: the best by FID, or
+    with ``objective="ode"`` the closest to the ODE solution."""
+    if objective not in AUTO_OBJECTIVES:
+        raise ValueError(f"sampler.objective must be one of {', '.join(AUTO_OBJECTIVES)}, got {objective!r}")
+    fid = next(choice for limit, choice in AUTO_CHOICES if steps <= limit)
+    config = AUTO_ODE_CHOICE if objective == "ode" else fid
     return {**sampler_config(config["name"]), **config, "steps": steps}
 
 
@@ -89,7 +100,8 @@ class SamplerSpec:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"sampler.steps must be an integer >= 1, got {steps!r}")
         if merged.get("name") == AUTO:  # the measured best for the steps; any other key still overrides it
-            best = {k: v for k, v in auto_config(steps).items() if k != "steps"}
+            objective = merged.pop("objective", "fid")
+            best = {k: v for k, v in auto_config(steps, objective).items() if k != "steps"}
             merged = {**best, **{k: v for k, v in merged.items() if k != "name"}}
             log.info("sampler=auto at %s steps: %s", steps, merged)
         name = merged.pop("name", "ddim")
