@@ -200,6 +200,7 @@ def sample(cfg: DictConfig) -> dict:
     kept: list[torch.Tensor] = []  # uint8 samples for the .npz
     shown: list[torch.Tensor] = []  # the first GRID_MAX samples (or row length per condition) for the grid
     seconds, eval_seconds, nfe = 0.0, 0.0, 0.0
+    ran = spec
     with tqdm(total=total, desc=f"{spec.name} x{spec.steps}", unit="img") as bar:
         for result in model.sample_batches(
             total,
@@ -212,6 +213,7 @@ def sample(cfg: DictConfig) -> dict:
         ):
             bar.update(len(result.images))
             seconds, nfe = seconds + result.seconds, max(nfe, result.nfe)
+            ran = result.spec or ran  # what ran: learned's fitted weights, and the start it chose from a list
             if scores is not None:
                 start = time.perf_counter()
                 scores.update(result.images)
@@ -243,7 +245,7 @@ def sample(cfg: DictConfig) -> dict:
         "sampler": spec.name,
         "steps": spec.steps,
         "spacing": spec.spacing,
-        "options": spec.options,
+        "options": ran.options,
         "guidance": guidance_cfg or {"name": "none"},
         "nfe": nfe,  # network evaluations per image: a batched CFG step counts 2
         "n": total,
