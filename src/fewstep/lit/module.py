@@ -667,7 +667,7 @@ class DiffusionModel(L.LightningModule):
                 self.denoiser(use_ema),
                 self.schedule,
                 spec,
-                (self.hparams.channels, self.hparams.image_size, self.hparams.image_size),
+                self._sample_shape(),
                 num_samples,
                 batch_size=batch_size,
                 seed=seed,
@@ -725,30 +725,25 @@ class DiffusionModel(L.LightningModule):
             candidates[name] = self.fitted_learned(
                 dataclasses.replace(spec, options={**spec.options, "start_from": name}), use_ema
             )
-        shape = (self.hparams.channels, self.hparams.image_size, self.hparams.image_size)
-        key = {
-            "weights": self.checkpoint_id or f"step-{self.global_step}",
-            "ema": bool(use_ema and self.ema is not None),
-        }
         searched = spec.spacing in MODEL_SPACINGS  # then the fits aim at the solution from the top of the search
         top = search_top(self.schedule, spec) if searched else float(spec.sigmas(self.schedule)[0])
-        memo = json.dumps([key, "learned_start", {k: [g.tolist(), w] for k, (g, w) in candidates.items()}, top])
-        if memo not in self._optimized:
-            if len(self._optimized) > 32:
-                self._optimized.clear()
-            self._optimized[memo] = learned_start(
+        key = self._cache_key(use_ema)
+        memo = [key, "learned_start", {k: [g.tolist(), w] for k, (g, w) in candidates.items()}, top]
+        return self._memoised(
+            memo,
+            lambda: learned_start(
                 self.denoiser(use_ema),
                 spec,
                 candidates,
-                shape,
+                self._sample_shape(),
                 start_sigma=top,
                 end_sigma=self.schedule.sigma_min,
                 device=self.device,
                 cond=self.condition(32, use_ema=use_ema),
                 cache_path=self.sigmas_cache if self.checkpoint_id else None,
                 cache_key=key,
-            )
-        return self._optimized[memo]
+            ),
+        )
 
     def learned_coefficients(
         self, spec: SamplerSpec, sigmas: Tensor, use_ema: bool = True, start_sigma: float | None = None
@@ -757,56 +752,63 @@ class DiffusionModel(L.LightningModule):
         trajectories (from ``noise * start_sigma`` when given, else from the grid's first level, down to
         the schedule's smallest level, then denoised): cached beside the checkpoint (keyed by the file's
         hash), or in memory for the current training step."""
-        shape = (self.hparams.channels, self.hparams.image_size, self.hparams.image_size)
-        key = {
-            "weights": self.checkpoint_id or f"step-{self.global_step}",
-            "ema": bool(use_ema and self.ema is not None),
-        }
-        memo = json.dumps(
-            [key, "learned", sigmas.tolist(), start_sigma, spec.options, spec.dynamic_threshold], default=str
-        )
-        if memo not in self._optimized:
-            if len(self._optimized) > 32:
-                self._optimized.clear()
-            self._optimized[memo] = learned_coefficients(
+        key = self._cache_key(use_ema)
+        return self._memoised(
+            [key, "learned", sigmas.tolist(), start_sigma, spec.options, spec.dynamic_threshold],
+            lambda: learned_coefficients(
                 self.denoiser(use_ema),
                 spec,
                 sigmas,
-                shape,
+                self._sample_shape(),
                 device=self.device,
                 cond=self.condition(64, use_ema=use_ema),
                 start_sigma=start_sigma,
                 end_sigma=self.schedule.sigma_min,
                 cache_path=self.sigmas_cache if self.checkpoint_id else None,
                 cache_key=key,
-            )
-        return self._optimized[memo]
+            ),
+        )
 
     def optimized_sigmas(self, spec: SamplerSpec, use_ema: bool = True) -> Tensor:
         """The ``optimized`` or ``ld3`` grid for this model and sampler: cached beside the checkpoint it was
         loaded from (keyed by the file's hash), or in memory for the current training step."""
-        shape = (self.hparams.channels, self.hparams.image_size, self.hparams.image_size)
-        weights = self.checkpoint_id or f"step-{self.global_step}"
-        key = {"weights": weights, "ema": bool(use_ema and self.ema is not None)}
-        memo = json.dumps(
-            [key, spec.name, spec.steps, spec.spacing, spec.options, spec.spacing_options, spec.dynamic_threshold],
-            sort_keys=True,
-            default=str,
-        )
-        if memo not in self._optimized:
-            if len(self._optimized) > 32:
-                self._optimized.clear()
+        key = self._cache_key(use_ema)
+
+        def compute() -> Tensor:
             with frozen(self):  # ld3 differentiates through the network: only for the grid, not the weights
-                self._optimized[memo] = optimized_sigmas(
+                return optimized_sigmas(
                     self.denoiser(use_ema),
                     self.schedule,
                     spec,
-                    shape,
+                    self._sample_shape(),
                     device=self.device,
                     cache_path=self.sigmas_cache if self.checkpoint_id else None,
                     cache_key=key,
                 )
-        return self._optimized[memo]
+
+        memo = [key, spec.name, spec.steps, spec.spacing, spec.options, spec.spacing_options, spec.dynamic_threshold]
+        return self._memoised(memo, compute)
+
+    def _sample_shape(self) -> tuple[int, int, int]:
+        return (self.hparams.channels, self.hparams.image_size, self.hparams.image_size)
+
+    def _cache_key(self, use_ema: bool) -> dict[str, Any]:
+        """What identifies the weights a grid or fit was made for: the checkpoint file's hash (else the
+        training step) and which weights (EMA or not)."""
+        return {
+            "weights": self.checkpoint_id or f"step-{self.global_step}",
+            "ema": bool(use_ema and self.ema is not None),
+        }
+
+    def _memoised(self, memo: list, compute: Callable[[], Any]) -> Any:
+        """``compute()``, once per ``memo`` (a JSON-able description) while this model lives: the on-disk
+        cache needs a checkpoint, and during training a grid or fit is reused within the step."""
+        text = json.dumps(memo, sort_keys=True, default=str)
+        if text not in self._optimized:
+            if len(self._optimized) > 32:
+                self._optimized.clear()
+            self._optimized[text] = compute()
+        return self._optimized[text]
 
 
 @contextlib.contextmanager
