@@ -233,9 +233,10 @@ def compare(
     t2 = time.perf_counter()
     fit_calls = 0
 
-    def fit_and_run(label: str, nfe: int, sigmas: Tensor, **options) -> Tensor:
+    def fit_and_run(label: str, nfe: int, sigmas: Tensor, **options) -> None:
         """Fit learned's weights on ``fit_noise`` (the ODE solution from the top down to the schedule's
-        smallest level, as the library does), run it on ``noise``, record the row; the result back."""
+        smallest level, as the library does), run it on ``noise``, record the row, and keep grid, weights
+        and result in ``candidates`` for the choice between starts."""
         nonlocal fit_calls
         counting = CountingDenoiser(denoiser)
         coefficients = fit_coefficients(
@@ -247,7 +248,6 @@ def compare(
         err = record(results, "fewstep", label, nfe, counting.calls, x, reference)
         print(f"  {label} at {nfe} NFE: error {err:.4g}", flush=True)
         candidates[nfe][options.get("start_from")] = (sigmas, coefficients, x)
-        return x
 
     candidates: dict[int, dict] = {nfe: {} for nfe in nfes}
     search_noise = fit_noise[: args.search_n or None]
