@@ -2,7 +2,7 @@
 
     pip install diffusers                                  # benchmark-only; fewstep never imports it
     python benchmarks/vs_diffusers.py                      # the exact Gaussian mixture (784-d), ~5 min
-    python benchmarks/vs_diffusers.py --ckpt A.ckpt --ckpt B.ckpt --n 32   # + trained networks
+    python benchmarks/vs_diffusers.py --ckpt A.ckpt --ckpt B.ckpt          # + trained networks, 256 images
     python benchmarks/vs_diffusers.py --quick              # smoke run (64-d mixture, 2 budgets)
 
 Every diffusers scheduler gets the *same* function of (x_t, t) that fewstep's samplers get, as an
@@ -20,7 +20,9 @@ for a network (float32), DPM-Solver++(3M) on 400 log-SNR steps (its distance to 
 solution is printed: third order, so the 400-step one is ~8x closer still). A scheduler ending at
 the smallest training level instead of 0 (DEIS) is measured as it is: that is the image a user gets.
 The RMS error of the median image is recorded and compared too: on a network a few images far off carry
-much of the RMS.
+much of the RMS. For the same reason each best-against-best ratio comes with a 5-95 % bootstrap interval
+over the scored images (paired draws; it holds the chosen configurations and fewstep's fitted grids and
+weights fixed). With so heavy a tail, 64 images can miss the far-off ones: score 256 (``--n 256``).
 
 diffusers' configurations: every documented ``timestep_spacing`` (leading, linspace, trailing) and
 ``use_karras_sigmas`` where offered; each scheduler's best is reported per budget (an oracle choice
@@ -161,15 +163,29 @@ def record(results: dict, lib: str, label: str, nfe: int, calls: int, x: Tensor,
     much of the squared error (UniPC at 10 NFE on the ``make train`` model: 5 of 64 images, 56 % of it),
     so the RMS alone can rank samplers by those few."""
     err = rms(x, reference)
-    per_image = (x.double() - reference.double()).pow(2).flatten(1).mean(1).sqrt()
-    median = float(per_image.median())
+    squared = (x.double() - reference.double()).pow(2).flatten(1).mean(1)  # per image, for the intervals
+    median = float(squared.median().sqrt())
     finite = math.isfinite(err)
     results[lib].setdefault(label, {})[nfe] = (calls, err if finite else None)
     results.setdefault("median_image", {}).setdefault(lib, {}).setdefault(label, {})[nfe] = (
         calls,
         median if finite else None,
     )
+    if finite:
+        results.setdefault("per_image", {}).setdefault(lib, {}).setdefault(label, {})[nfe] = squared.tolist()
     return err
+
+
+def ratio_interval(diffusers_sq: list[float], fewstep_sq: list[float], draws: int = 2000) -> tuple[float, float]:
+    """5-95 % bootstrap interval of the ratio of two RMS errors over the same images, the images drawn
+    with replacement and paired (one image's error is heavy-tailed, so 64 images leave a wide one). It
+    holds the two configurations and fewstep's fitted grid and weights fixed: the spread of the search
+    and of the oracle choice among diffusers' configurations is not in it."""
+    a, b = torch.tensor(diffusers_sq, dtype=torch.float64), torch.tensor(fewstep_sq, dtype=torch.float64)
+    idx = torch.randint(len(a), (draws, len(a)), generator=torch.Generator().manual_seed(0))
+    ratios = (a[idx].mean(1) / b[idx].mean(1)).sqrt()
+    low, high = torch.quantile(ratios, torch.tensor([0.05, 0.95], dtype=torch.float64)).tolist()
+    return low, high
 
 
 def fewstep_steps(name: str, nfe: int) -> int:
@@ -343,21 +359,27 @@ def report(case: str, results: dict, nfes) -> None:
                 cells.append(cell if calls in (None, n) else f"{cell} ({calls})")
             print(f"| {lib} | {label} | " + " | ".join(cells) + " |")
     print()
-    print_best(results, nfes)
+    print_best(results, nfes, results.get("per_image"))
     if "median_image" in results:
         print("\nThe same on the median image (each library's best by the median image's RMS error):\n")
         print_best(results["median_image"], nfes)
 
 
-def print_best(results: dict, nfes) -> None:
-    """Each library's best configuration per budget and the ratio of their errors."""
-    print("| NFE | best diffusers | error | best fewstep | error | diffusers / fewstep |")
-    print("|---:|---|---:|---|---:|---:|")
+def print_best(results: dict, nfes, per_image: dict | None = None) -> None:
+    """Each library's best configuration per budget and the ratio of their errors; with ``per_image``
+    (squared errors by image) also the ratio's bootstrap interval over the scored images."""
+    interval = per_image is not None
+    print("| NFE | best diffusers | error | best fewstep | error | diffusers / fewstep |" + (" 5-95 % |" * interval))
+    print("|---:|---|---:|---|---:|---:|" + "---:|" * interval)
     for n in nfes:
         if not all(any(n in row for row in results.get(lib, {}).values()) for lib in ("diffusers", "fewstep")):
             continue  # a library was skipped (--no-diffusers, --no-fixed)
         (dl, de), (fl, fe) = best(results["diffusers"], n), best(results["fewstep"], n)
-        print(f"| {n} | {dl} | {de:.3g} | {fl} | {fe:.3g} | {de / fe:.2f}x |")
+        line = f"| {n} | {dl} | {de:.3g} | {fl} | {fe:.3g} | {de / fe:.2f}x |"
+        if interval:
+            low, high = ratio_interval(per_image["diffusers"][dl][n], per_image["fewstep"][fl][n])
+            line += f" {low:.2f}-{high:.2f}x |"
+        print(line)
 
 
 def plot(all_results: dict, nfes, path: Path) -> None:
@@ -439,7 +461,9 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=784)
     parser.add_argument("--components", type=int, default=8)
     parser.add_argument("--n-gmm", type=int, default=256, help="mixture samples")
-    parser.add_argument("--n", type=int, default=32, help="images per network case")
+    parser.add_argument(
+        "--n", type=int, default=256, help="images per network case (heavy-tailed errors: 64 can miss the far-off ones)"
+    )
     parser.add_argument("--reference-steps", type=int, default=400, help="fine steps of a network's reference")
     parser.add_argument("--nfe", type=int, nargs="+", default=list(NFES))
     parser.add_argument(
