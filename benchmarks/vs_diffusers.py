@@ -171,8 +171,9 @@ def record(results: dict, lib: str, label: str, nfe: int, calls: int, x: Tensor,
         calls,
         median if finite else None,
     )
-    if finite:
-        results.setdefault("per_image", {}).setdefault(lib, {}).setdefault(label, {})[nfe] = squared.tolist()
+    if finite:  # 4 digits: the JSON stays small and the intervals do not move
+        per_image = [float(f"{v:.4g}") for v in squared.tolist()]
+        results.setdefault("per_image", {}).setdefault(lib, {}).setdefault(label, {})[nfe] = per_image
     return err
 
 
