@@ -32,7 +32,8 @@ also searches the grid, refitting the weights to every grid it tries; ``--learne
 refined from UniPC's own weights on UniPC's searched grid) fitted on *another* batch of noise than the one
 scored. With two or more ``--learned-from`` samplers a row "learned from the best of ..." takes, at each
 budget, the one a third batch of noise (32, seed 2) ranks first, as ``sampler.start_from=[unipc,dpmpp_3m]``
-does in the library. Results go to a JSON file and a plot (``--out``).
+does in the library. Results go to a JSON file, the per-image errors to a second one (kept out of git under
+``assets/``), and a plot (``--out``).
 """
 
 from __future__ import annotations
@@ -171,7 +172,7 @@ def record(results: dict, lib: str, label: str, nfe: int, calls: int, x: Tensor,
         calls,
         median if finite else None,
     )
-    if finite:  # 4 digits: the JSON stays small and the intervals do not move
+    if finite:  # 4 digits: the file stays small and the intervals do not move
         per_image = [float(f"{v:.4g}") for v in squared.tolist()]
         results.setdefault("per_image", {}).setdefault(lib, {}).setdefault(label, {})[nfe] = per_image
     return err
@@ -455,6 +456,16 @@ def checkpoint_case(path: str, args, out: dict) -> None:
         compare(case, denoiser, schedule, noise, reference, args.nfe, out, fit_noise, args)
 
 
+def save(out: dict, stem: str) -> None:
+    """STEM.json: every row's (calls, error) and median image; STEM.per_image.json: every row's squared
+    error by image (the bulk: for the intervals, or to compare on part of the images)."""
+    Path(stem).parent.mkdir(parents=True, exist_ok=True)
+    tables = {case: {k: v for k, v in results.items() if k != "per_image"} for case, results in out.items()}
+    Path(stem + ".json").write_text(json.dumps(tables, indent=1))
+    per_image = {case: results.get("per_image", {}) for case, results in out.items()}
+    Path(stem + ".per_image.json").write_text(json.dumps(per_image))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", action="append", default=[], help="a trained fewstep checkpoint (repeatable)")
@@ -506,7 +517,9 @@ def main() -> None:
     parser.add_argument("--no-diffusers", dest="diffusers", action="store_false", help="skip diffusers' schedulers")
     parser.add_argument("--no-fixed", dest="fixed", action="store_false", help="skip fewstep's fixed-grid samplers")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--out", default=str(ROOT / "assets" / "vs_diffusers"), help="writes OUT.json and OUT.png")
+    parser.add_argument(
+        "--out", default=str(ROOT / "assets" / "vs_diffusers"), help="writes OUT.json, OUT.per_image.json, OUT.png"
+    )
     parser.add_argument("--quick", action="store_true", help="64-d mixture, 5 and 10 NFE")
     args = parser.parse_args()
     if args.quick:
@@ -521,11 +534,10 @@ def main() -> None:
         gmm_case(args, out)
     for path in args.ckpt:
         checkpoint_case(path, args, out)
-        Path(args.out + ".json").write_text(json.dumps(out, indent=1))  # each case as soon as it is done
+        save(out, args.out)  # each case as soon as it is done
     for case, results in out.items():
         report(case, results, args.nfe)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out + ".json").write_text(json.dumps(out, indent=1))
+    save(out, args.out)
     plot(out, args.nfe, Path(args.out + ".png"))
 
 
