@@ -190,6 +190,17 @@ def ratio_interval(diffusers_sq: list[float], fewstep_sq: list[float], draws: in
     return low, high
 
 
+def batch_ratios(per_image: dict, nfe: int, size: int = 64) -> list[float]:
+    """The best-against-best ratio on each batch of ``size`` scored images alone (each library's best
+    configuration picked on that batch, as a ``size``-image run would): how far one such run can stray."""
+
+    def best_rms(lib: str, lo: int) -> float:
+        return min(math.sqrt(sum(row[nfe][lo : lo + size]) / size) for row in per_image[lib].values() if nfe in row)
+
+    count = len(next(row[nfe] for row in per_image["fewstep"].values() if nfe in row))
+    return [best_rms("diffusers", lo) / best_rms("fewstep", lo) for lo in range(0, count - size + 1, size)]
+
+
 def fewstep_steps(name: str, nfe: int) -> int:
     return max(1, (nfe + 1) // 2) if name == "heun" else nfe
 
@@ -371,8 +382,9 @@ def print_best(results: dict, nfes, per_image: dict | None = None) -> None:
     """Each library's best configuration per budget and the ratio of their errors; with ``per_image``
     (squared errors by image) also the ratio's bootstrap interval over the scored images."""
     interval = per_image is not None
-    print("| NFE | best diffusers | error | best fewstep | error | diffusers / fewstep |" + (" 5-95 % |" * interval))
-    print("|---:|---|---:|---|---:|---:|" + "---:|" * interval)
+    header = " 5-95 % | each batch of 64 alone |" if interval else ""
+    print("| NFE | best diffusers | error | best fewstep | error | diffusers / fewstep |" + header)
+    print("|---:|---|---:|---|---:|---:|" + "---:|---|" * interval)
     for n in nfes:
         if not all(any(n in row for row in results.get(lib, {}).values()) for lib in ("diffusers", "fewstep")):
             continue  # a library was skipped (--no-diffusers, --no-fixed)
@@ -380,7 +392,8 @@ def print_best(results: dict, nfes, per_image: dict | None = None) -> None:
         line = f"| {n} | {dl} | {de:.3g} | {fl} | {fe:.3g} | {de / fe:.2f}x |"
         if interval:
             low, high = ratio_interval(per_image["diffusers"][dl][n], per_image["fewstep"][fl][n])
-            line += f" {low:.2f}-{high:.2f}x |"
+            batches = " / ".join(f"{r:.2f}x" for r in batch_ratios(per_image, n)) or "-"
+            line += f" {low:.2f}-{high:.2f}x | {batches} |"
         print(line)
 
 
