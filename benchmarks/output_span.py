@@ -23,6 +23,7 @@ import time
 
 import torch
 from torch import Tensor
+from vs_diffusers import rms  # (this script's folder is on the path)
 
 from fewstep.diffusion import Denoiser
 from fewstep.diffusion.sampling import OPTIMIZE_FROM
@@ -30,10 +31,6 @@ from fewstep.lit import load_model
 from fewstep.samplers import SAMPLERS
 from fewstep.samplers.learned import fit_coefficients
 from fewstep.samplers.optimize import optimize_sigmas
-
-
-def rms(a: Tensor, b: Tensor) -> float:
-    return float((a - b).double().pow(2).mean().sqrt())
 
 
 def span_oracle(vectors: list[Tensor], target: Tensor) -> float:
