@@ -23,11 +23,9 @@ import time
 
 import torch
 from torch import Tensor
-from vs_diffusers import rms  # (this script's folder is on the path)
+from vs_diffusers import load_network, network_noises, network_reference, rms  # (this folder is on the path)
 
-from fewstep.diffusion import Denoiser
 from fewstep.diffusion.sampling import OPTIMIZE_FROM
-from fewstep.lit import load_model
 from fewstep.samplers import SAMPLERS
 from fewstep.samplers.learned import fit_coefficients
 from fewstep.samplers.optimize import optimize_sigmas
@@ -52,16 +50,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    model = load_model(args.ckpt).eval().requires_grad_(False)
-    denoiser = Denoiser(model.sampling_net(), model.parameterisation, clip_x0=None).eval()  # the raw network
-    schedule = model.parameterisation.schedule
+    denoiser, schedule, _, shape = load_network(args.ckpt)
     top, floor = float(schedule.sigma_max), float(schedule.sigma_min)
-    shape = (model.hparams.channels, model.hparams.image_size, model.hparams.image_size)
-    noise = torch.randn((args.n, *shape), generator=torch.Generator().manual_seed(0))  # vs_diffusers' noises
-    fit_noise = torch.randn((64, *shape), generator=torch.Generator().manual_seed(1))
+    noise, fit_noise = network_noises(shape, args.n, 64)  # the benchmark's scored and fitting noises
     start = time.perf_counter()
-    with torch.no_grad():
-        reference = SAMPLERS["dpmpp_3m"](denoiser, noise * top, schedule.sigmas(400, "logsnr", dtype=torch.float32))
+    reference = network_reference(denoiser, schedule, noise, 400)
     print(f"# {args.ckpt}: reference {time.perf_counter() - start:.0f} s")
     columns = ["NFE", "learned from (its grid)", "error", "oracle: outputs", "oracle: outputs + start"]
     print("| " + " | ".join([*columns, "last output, scaled per image"]) + " |")

@@ -441,30 +441,44 @@ def gmm_case(args, out: dict) -> None:
     compare(case, gmm.denoiser, schedule, noise, reference, args.nfe, out, fit_noise, args)
 
 
-def checkpoint_case(path: str, args, out: dict) -> None:
+def load_network(path: str):
+    """The raw network of a checkpoint as a denoiser (no x0 clipping: the pure probability-flow ODE of
+    what was trained), its schedule, its hyperparameters and one image's shape."""
     from fewstep.diffusion import Denoiser
     from fewstep.lit import load_model
 
     model = load_model(path).eval().requires_grad_(False)  # ld3 differentiates for the grid only
-    # the raw network (no x0 clipping): the pure probability-flow ODE of what was trained
     denoiser = Denoiser(model.sampling_net(), model.parameterisation, clip_x0=None).eval()
-    schedule = model.parameterisation.schedule
-    shape = (model.hparams.channels, model.hparams.image_size, model.hparams.image_size)
-    noise = torch.randn((args.n, *shape), generator=torch.Generator().manual_seed(0))
-    start = noise * schedule.sigma_max
-    t0 = time.perf_counter()
-    with torch.no_grad():  # a float32 network: fixed fine steps, not an adaptive solver at 1e-6
-        fine = schedule.sigmas(args.reference_steps, "logsnr", dtype=torch.float32)
-        reference = SAMPLERS["dpmpp_3m"](denoiser, start, fine)
-        half = schedule.sigmas(args.reference_steps // 2, "logsnr", dtype=torch.float32)
-        coarse = SAMPLERS["dpmpp_3m"](denoiser, start, half)
     hp = model.hparams
+    return denoiser, model.parameterisation.schedule, hp, (hp.channels, hp.image_size, hp.image_size)
+
+
+def network_noises(shape: tuple, n: int, fit_n: int) -> tuple[Tensor, Tensor]:
+    """The scored noises (seed 0) and the fitting noises (seed 1) of a network case; the first k of
+    either are the same for every n (benchmarks/output_span.py scores the first 64)."""
+    noise = torch.randn((n, *shape), generator=torch.Generator().manual_seed(0))
+    return noise, torch.randn((fit_n, *shape), generator=torch.Generator().manual_seed(1))
+
+
+@torch.no_grad()
+def network_reference(denoiser, schedule: Schedule, noise: Tensor, steps: int) -> Tensor:
+    """The ODE solution from ``noise * sigma_max``: a float32 network, so fixed fine steps (DPM-Solver++(3M)
+    on ``steps`` log-SNR steps), not an adaptive solver at 1e-6."""
+    fine = schedule.sigmas(steps, "logsnr", dtype=torch.float32)
+    return SAMPLERS["dpmpp_3m"](denoiser, noise * schedule.sigma_max, fine)
+
+
+def checkpoint_case(path: str, args, out: dict) -> None:
+    denoiser, schedule, hp, shape = load_network(path)
+    noise, fit_noise = network_noises(shape, args.n, args.fit_n or args.n)
+    t0 = time.perf_counter()
+    reference = network_reference(denoiser, schedule, noise, args.reference_steps)
+    coarse = network_reference(denoiser, schedule, noise, args.reference_steps // 2)
     case = f"{Path(path).name}: {hp.schedule} schedule, {hp.prediction}-prediction"
     print(
         f"# {case}: reference dpmpp_3m, {args.reference_steps} log-SNR steps ({time.perf_counter() - t0:.0f} s"
         f" with the check); its distance to the {args.reference_steps // 2}-step solution: {rms(reference, coarse):.1e}"
     )
-    fit_noise = torch.randn((args.fit_n or args.n, *shape), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         compare(case, denoiser, schedule, noise, reference, args.nfe, out, fit_noise, args)
 
