@@ -20,12 +20,16 @@ import time
 
 import torch
 from torch import Tensor
-from vs_diffusers import load_network, network_noises, network_reference, rms  # (this folder is on the path)
+from vs_diffusers import (  # (this folder is on the path)
+    load_network,
+    network_noises,
+    network_reference,
+    rms,
+    searched_grid,
+)
 
-from fewstep.diffusion.sampling import OPTIMIZE_FROM
 from fewstep.samplers import SAMPLERS
 from fewstep.samplers.learned import fit_coefficients, multistep_weights
-from fewstep.samplers.optimize import optimize_sigmas
 
 BATCH = 64  # the benchmark's (and the library's) number of fitting noises
 
@@ -51,8 +55,7 @@ def main() -> None:
     reference = network_reference(denoiser, schedule, noise, 400)
     print(f"# {args.ckpt}: reference {time.perf_counter() - start:.0f} s", flush=True)
     start = time.perf_counter()
-    starts = [schedule.sigmas(args.nfe, spacing, dtype=torch.float64) for spacing in OPTIMIZE_FROM]
-    grid = optimize_sigmas(denoiser, fit_noise[:16], starts, args.start_from, move_start=True)
+    grid = searched_grid(denoiser, schedule, fit_noise[:16], args.nfe, args.start_from)
     print(f"# {args.start_from}'s grid at {args.nfe} NFE ({time.perf_counter() - start:.0f} s):", grid.tolist())
     options = {"form": "data", "history": 3, "start_from": args.start_from}
 

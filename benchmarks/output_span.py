@@ -23,12 +23,16 @@ import time
 
 import torch
 from torch import Tensor
-from vs_diffusers import load_network, network_noises, network_reference, rms  # (this folder is on the path)
+from vs_diffusers import (  # (this folder is on the path)
+    load_network,
+    network_noises,
+    network_reference,
+    rms,
+    searched_grid,
+)
 
-from fewstep.diffusion.sampling import OPTIMIZE_FROM
 from fewstep.samplers import SAMPLERS
 from fewstep.samplers.learned import fit_coefficients
-from fewstep.samplers.optimize import optimize_sigmas
 
 
 def span_oracle(vectors: list[Tensor], target: Tensor) -> float:
@@ -61,8 +65,7 @@ def main() -> None:
     print("|---:|---|---:|---:|---:|---:|")
     for nfe in args.nfe:
         for name in args.start_from:
-            starts = [schedule.sigmas(nfe, spacing, dtype=torch.float64) for spacing in OPTIMIZE_FROM]
-            grid = optimize_sigmas(denoiser, fit_noise[:16], starts, name, move_start=True)
+            grid = searched_grid(denoiser, schedule, fit_noise[:16], nfe, name)
             options = {"form": "data", "history": 3, "start_from": name}
             weights = fit_coefficients(denoiser, fit_noise, grid, start_sigma=top, end_sigma=floor, **options)
             outputs: list[Tensor] = []

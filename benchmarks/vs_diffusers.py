@@ -297,9 +297,8 @@ def compare(
             fit_and_run(f"learned ({grid_name})", nfe, sigmas)
     for fixed in args.learned_from:  # learned from a fixed sampler's weights, on the grid searched for it
         for nfe in nfes:
-            starts = [schedule.sigmas(nfe, s, dtype=torch.float64) for s in OPTIMIZE_FROM]
             counting = CountingDenoiser(denoiser)
-            sigmas = optimize_sigmas(counting, search_noise, starts, fixed, move_start=args.move_start)
+            sigmas = searched_grid(counting, schedule, search_noise, nfe, fixed, move_start=args.move_start)
             fit_calls += counting.calls
             options = {"form": "data", "history": args.learned_from_history, "start_from": fixed}
             fit_and_run(f"learned from {fixed} (optimized)", nfe, sigmas, **options)
@@ -466,6 +465,13 @@ def network_reference(denoiser, schedule: Schedule, noise: Tensor, steps: int) -
     on ``steps`` log-SNR steps), not an adaptive solver at 1e-6."""
     fine = schedule.sigmas(steps, "logsnr", dtype=torch.float32)
     return SAMPLERS["dpmpp_3m"](denoiser, noise * schedule.sigma_max, fine)
+
+
+def searched_grid(denoiser, schedule: Schedule, noise: Tensor, nfe: int, name: str, move_start: bool = True) -> Tensor:
+    """The grid the library's ``spacing=optimized`` search finds for the fixed sampler ``name`` on ``noise``
+    (coordinate descent from the best of its start grids): where `learned` from that sampler runs."""
+    starts = [schedule.sigmas(nfe, spacing, dtype=torch.float64) for spacing in OPTIMIZE_FROM]
+    return optimize_sigmas(denoiser, noise, starts, name, move_start=move_start)
 
 
 def checkpoint_case(path: str, args, out: dict) -> None:
