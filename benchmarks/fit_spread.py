@@ -21,7 +21,10 @@ import time
 import torch
 from torch import Tensor
 from vs_diffusers import (  # (this folder is on the path)
+    REFERENCE_STEPS,
+    fit_learned,
     load_network,
+    median_image_error,
     network_noises,
     network_reference,
     rms,
@@ -29,7 +32,7 @@ from vs_diffusers import (  # (this folder is on the path)
 )
 
 from fewstep.samplers import SAMPLERS
-from fewstep.samplers.learned import fit_coefficients, multistep_weights
+from fewstep.samplers.learned import multistep_weights
 
 BATCH = 64  # the benchmark's (and the library's) number of fitting noises
 
@@ -49,10 +52,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     denoiser, schedule, _, shape = load_network(args.ckpt)
-    top, floor = float(schedule.sigma_max), float(schedule.sigma_min)
     noise, fit_noise = network_noises(shape, args.n, BATCH * args.batches)
     start = time.perf_counter()
-    reference = network_reference(denoiser, schedule, noise, 400)
+    reference = network_reference(denoiser, schedule, noise, REFERENCE_STEPS)
     print(f"# {args.ckpt}: reference {time.perf_counter() - start:.0f} s", flush=True)
     start = time.perf_counter()
     grid = searched_grid(denoiser, schedule, fit_noise[:16], args.nfe, args.start_from)
@@ -62,7 +64,7 @@ def main() -> None:
     def row(label: str, weights: list[list[float]]) -> None:
         with torch.no_grad():
             x = SAMPLERS["learned"](denoiser, noise * grid[0], grid.float(), coefficients=weights, **options)
-        error, median = rms(x, reference), float((x - reference).double().flatten(1).pow(2).mean(1).sqrt().median())
+        error, median = rms(x, reference), median_image_error(x, reference)
         ratio = f"{args.versus / error:.2f}x" if args.versus else "-"
         print(f"| {label} | {error:.4g} | {median:.4g} | {ratio} |", flush=True)
 
@@ -72,7 +74,7 @@ def main() -> None:
     for b in range(args.batches):
         start = time.perf_counter()
         batch = fit_noise[b * BATCH : (b + 1) * BATCH]
-        weights = fit_coefficients(denoiser, batch, grid, start_sigma=top, end_sigma=floor, **options)
+        weights = fit_learned(denoiser, schedule, batch, grid, **options)
         fits.append(torch.tensor(weights, dtype=torch.float64))
         label = f"refit on batch {b + 1}{' (the benchmark)' if b == 0 else ''}"
         row(f"{label}, {time.perf_counter() - start:.0f} s", weights)

@@ -24,6 +24,8 @@ import time
 import torch
 from torch import Tensor
 from vs_diffusers import (  # (this folder is on the path)
+    REFERENCE_STEPS,
+    fit_learned,
     load_network,
     network_noises,
     network_reference,
@@ -32,7 +34,6 @@ from vs_diffusers import (  # (this folder is on the path)
 )
 
 from fewstep.samplers import SAMPLERS
-from fewstep.samplers.learned import fit_coefficients
 
 
 def span_oracle(vectors: list[Tensor], target: Tensor) -> float:
@@ -55,10 +56,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     denoiser, schedule, _, shape = load_network(args.ckpt)
-    top, floor = float(schedule.sigma_max), float(schedule.sigma_min)
     noise, fit_noise = network_noises(shape, args.n, 64)  # the benchmark's scored and fitting noises
     start = time.perf_counter()
-    reference = network_reference(denoiser, schedule, noise, 400)
+    reference = network_reference(denoiser, schedule, noise, REFERENCE_STEPS)
     print(f"# {args.ckpt}: reference {time.perf_counter() - start:.0f} s")
     columns = ["NFE", "learned from (its grid)", "error", "oracle: outputs", "oracle: outputs + start"]
     print("| " + " | ".join([*columns, "last output, scaled per image"]) + " |")
@@ -67,7 +67,7 @@ def main() -> None:
         for name in args.start_from:
             grid = searched_grid(denoiser, schedule, fit_noise[:16], nfe, name)
             options = {"form": "data", "history": 3, "start_from": name}
-            weights = fit_coefficients(denoiser, fit_noise, grid, start_sigma=top, end_sigma=floor, **options)
+            weights = fit_learned(denoiser, schedule, fit_noise, grid, **options)
             outputs: list[Tensor] = []
             grid = grid.float()
             with torch.no_grad():

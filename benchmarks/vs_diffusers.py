@@ -64,6 +64,7 @@ from fewstep.samplers.optimize import ld3_sigmas, optimize_sigmas  # noqa: E402
 from fewstep.samplers.spacing import t_to_sigma  # noqa: E402
 
 NFES = (4, 5, 6, 8, 10, 15, 20)
+REFERENCE_STEPS = 400  # DPM-Solver++(3M) log-SNR steps of a network case's reference (checked against half as many)
 GRID_KEYS = ("name", "steps", "spacing", "rho", "sigma_min", "sigma_max")
 
 # diffusers: (label, class name, constructor options, calls(steps), steps(nfe))
@@ -158,14 +159,24 @@ def rms(a: Tensor, b: Tensor) -> float:
     return float((a.double() - b.double()).pow(2).mean().sqrt())
 
 
+def per_image_squared(x: Tensor, reference: Tensor) -> Tensor:
+    """Every image's mean squared error (its RMS error squared)."""
+    return (x.double() - reference.double()).pow(2).flatten(1).mean(1)
+
+
+def median_image_error(x: Tensor, reference: Tensor) -> float:
+    """The RMS error of the median image."""
+    return float(per_image_squared(x, reference).median().sqrt())
+
+
 def record(results: dict, lib: str, label: str, nfe: int, calls: int, x: Tensor, reference: Tensor) -> float:
     """Store ``(calls, RMS error)`` under ``results[lib][label][nfe]`` and the median image's RMS error
     under ``results["median_image"]``: on a network a few trajectories that end near another mode carry
     much of the squared error (UniPC at 10 NFE on the ``make train`` model: 5 of 64 images, 56 % of it),
     so the RMS alone can rank samplers by those few."""
     err = rms(x, reference)
-    squared = (x.double() - reference.double()).pow(2).flatten(1).mean(1)  # per image, for the intervals
-    median = float(squared.median().sqrt())
+    squared = per_image_squared(x, reference)  # for the intervals
+    median = median_image_error(x, reference)
     finite = math.isfinite(err)
     results[lib].setdefault(label, {})[nfe] = (calls, err if finite else None)
     results.setdefault("median_image", {}).setdefault(lib, {}).setdefault(label, {})[nfe] = (
@@ -268,9 +279,7 @@ def compare(
         and result in ``candidates`` for the choice between starts."""
         nonlocal fit_calls
         counting = CountingDenoiser(denoiser)
-        coefficients = fit_coefficients(
-            counting, fit_noise, sigmas, start_sigma=sigma_max, end_sigma=schedule.sigma_min, **options
-        )
+        coefficients = fit_learned(counting, schedule, fit_noise, sigmas, **options)
         fit_calls += counting.calls
         counting, grid = CountingDenoiser(denoiser), sigmas.to(noise.dtype)
         x = SAMPLERS["learned"](counting, noise * grid[0], grid, coefficients=coefficients, **options)
@@ -467,6 +476,13 @@ def network_reference(denoiser, schedule: Schedule, noise: Tensor, steps: int) -
     return SAMPLERS["dpmpp_3m"](denoiser, noise * schedule.sigma_max, fine)
 
 
+def fit_learned(denoiser, schedule: Schedule, fit_noise: Tensor, sigmas: Tensor, **options) -> list[list[float]]:
+    """`learned`'s weights on ``sigmas`` fitted on ``fit_noise`` as the library fits them: to the ODE solution
+    from the schedule's top down to its smallest level."""
+    top, floor = float(schedule.sigma_max), float(schedule.sigma_min)
+    return fit_coefficients(denoiser, fit_noise, sigmas, start_sigma=top, end_sigma=floor, **options)
+
+
 def searched_grid(denoiser, schedule: Schedule, noise: Tensor, nfe: int, name: str, move_start: bool = True) -> Tensor:
     """The grid the library's ``spacing=optimized`` search finds for the fixed sampler ``name`` on ``noise``
     (coordinate descent from the best of its start grids): where `learned` from that sampler runs."""
@@ -509,7 +525,9 @@ def main() -> None:
     parser.add_argument(
         "--n", type=int, default=256, help="images per network case (heavy-tailed errors: 64 can miss the far-off ones)"
     )
-    parser.add_argument("--reference-steps", type=int, default=400, help="fine steps of a network's reference")
+    parser.add_argument(
+        "--reference-steps", type=int, default=REFERENCE_STEPS, help="fine steps of a network's reference"
+    )
     parser.add_argument("--nfe", type=int, nargs="+", default=list(NFES))
     parser.add_argument(
         "--learned",
